@@ -1,0 +1,69 @@
+"""RL checkpoints: policy weights, optimiser, RNG and counters, written atomically; resume from the newest.
+
+A checkpoint is a directory `checkpoints/step-000040/` holding `policy/` (an ordinary model
+directory vLLM and transformers load), `optimizer.pt`, `rng.pt` and `state.json`. It is written
+under a temporary name and renamed into place, so a run killed mid-write leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class RLState:
+    """Counters that make a resumed run continue exactly where its checkpoint left off."""
+
+    step: int = 0  # optimiser steps applied == policy version of the weights
+    samples_trained: int = 0
+    next_prompt_index: int = 0
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: RLState, keep: int = 2) -> Path:
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "policy")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    complete = [p for p in sorted(checkpoint_root(run_dir).glob("step-*")) if (p / "state.json").exists()]
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> RLState:
+    """Restore weights, optimiser and RNG from `path` into `model`/`optimizer`; return the counters."""
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "policy" / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt"))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return RLState(**json.loads((path / "state.json").read_text()))

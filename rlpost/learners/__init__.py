@@ -1,0 +1,1 @@
+"""Learners: turn batches of scored rollouts into parameter updates with TRL's losses."""

@@ -1,0 +1,228 @@
+"""The asynchronous RL loop: rollout worker -> bounded buffer -> GRPO learner -> weight sync.
+
+    worker process (vLLM)                     learner (this process)
+    generate batch b with weights v   --->    take batch b (staleness gate: v >= b - max_staleness)
+    score with isolated rewards               GRPO step (TRL loss), version b+1
+    reload weights when told          <---    publish weights b+1 to shared memory
+
+With `max_staleness = 0` the worker waits for version b before generating batch b (synchronous,
+on-policy); with `max_staleness = k` it runs up to k versions ahead, overlapping generation with
+training, and the learner corrects those samples by importance sampling. Every step appends one
+line to `ledger.jsonl` (step, prompt indices, policy versions); checkpoints make a killed run
+resume with no gap and no repeat in steps, samples or prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlpost.checkpoint import RLState, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlpost.learners.grpo import GRPOLearner, LearnerSettings
+from rlpost.report import JsonlLog, MetricsLog
+from rollouts.buffer import SampleBuffer
+from rollouts.weight_sync import WeightPublisher
+from rollouts.worker import WorkerSpec, worker_main
+
+log = logging.getLogger("rlpost.loop")
+
+
+@dataclass
+class HeldOut:
+    """Held-out prompts, their reference answers and the task's checker `score(completion, answer)`."""
+
+    prompts: list[str]
+    answers: list[str]
+    score: object
+    max_tokens: int
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    groups_per_step: int
+    max_staleness: int
+    checkpoint_every: int
+    eval_every: int
+    learner: LearnerSettings = field(default_factory=LearnerSettings)
+    sample_timeout_s: float = 600.0
+    learner_threads: int = 1
+
+
+class WorkerLink:
+    """The learner's side of the rollout worker: starts it, sends control messages, pumps its events."""
+
+    def __init__(self, spec: WorkerSpec, capacity: int):
+        ctx = mp.get_context("spawn")
+        self.samples, self.control, self.events = ctx.Queue(capacity), ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=worker_main, args=(spec, self.samples, self.control, self.events),
+                                   name="rlpost-rollout")
+        self.generated: list[dict] = []
+        self.synced: list[tuple[int, float, float]] = []  # (version, reload_s, acknowledged_at)
+        self.evals: dict[str, list[str]] = {}
+        self.process.start()
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def pump(self, block_for: str | None = None, timeout_s: float = 600.0) -> None:
+        """Handle pending events; with `block_for`, wait until an event of that kind has arrived."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                event = self.events.get(timeout=0.5 if block_for else 0.0) if block_for else self.events.get_nowait()
+            except queue.Empty:
+                if not block_for:
+                    return
+                if not self.alive():
+                    raise RuntimeError("the rollout worker exited unexpectedly (see its log above)")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the rollout worker sent no '{block_for}' event within {timeout_s:.0f} s")
+                continue
+            kind = event[0]
+            if kind == "error":
+                raise RuntimeError(f"the rollout worker crashed:\n{event[1]}")
+            if kind == "generated":
+                self.generated.append(event[1])
+            elif kind == "synced":
+                self.synced.append((event[1], event[2], time.perf_counter()))
+            elif kind == "eval":
+                self.evals[event[1]] = event[2]
+            elif kind == "ready":
+                self.startup_s = event[1]
+            if block_for and kind == block_for:
+                return
+
+    def evaluate(self, tag: str, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
+        self.control.put(("eval", tag, prompt_ids, max_tokens))
+        while tag not in self.evals:
+            self.pump(block_for="eval")
+        return self.evals.pop(tag)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.control.put(("stop",))
+            self.process.join(timeout=60)
+        if self.alive():
+            self.process.kill()
+            self.process.join()
+
+
+def evaluate_held_out(link: WorkerLink, tokenizer, held_out: HeldOut, tag: str) -> dict:
+    """Greedy accuracy on the held-out prompts with the worker's current weights, with a Wilson 95% CI."""
+    from rlpost.evaluation.metrics import accuracy
+
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in held_out.prompts]
+    texts = link.evaluate(tag, ids, held_out.max_tokens)
+    scores = [held_out.score(t, a) for t, a in zip(texts, held_out.answers)]
+    est = accuracy(scores)
+    return {"accuracy": est.value, "low": est.low, "high": est.high, "n": est.n, "method": est.method,
+            "completions": texts}
+
+
+def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, settings: LoopSettings,
+           held_out: HeldOut, progress=None) -> dict:
+    """Train from `policy_dir` (or resume from the newest checkpoint in `run_dir`); return figures."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(settings.learner_threads)
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir, dtype=torch.float32)
+    learner = GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size)
+    state = load_checkpoint(ckpt, model, learner.optimizer) if ckpt else RLState()
+    if ckpt:
+        log.info("resuming from %s (step %d)", ckpt, state.step)
+    worker.model_dir = str(ckpt / "policy" if ckpt else policy_dir)
+    worker.start_batch = worker.start_version = state.step
+    worker.start_prompt_index = state.next_prompt_index
+
+    metrics = MetricsLog(run_dir, resume_step=state.step)
+    ledger = JsonlLog(run_dir / "ledger.jsonl")
+    ledger.truncate_after(state.step)
+    publisher = WeightPublisher(run_dir.name)
+    link = WorkerLink(worker, capacity=(settings.max_staleness + 1) * settings.groups_per_step)
+    buffer = SampleBuffer(link.samples, settings.max_staleness)
+    figures = {"start_step": state.step}
+    try:
+        link.pump(block_for="ready", timeout_s=600)
+        figures["engine_startup_s"] = link.startup_s
+        if state.step == 0:
+            result = evaluate_held_out(link, tokenizer, held_out, "step-0")
+            metrics.log(0, _eval_scalars(result))
+        sent_at: dict[int, float] = {}
+        rl_start = time.perf_counter()
+        while state.step < settings.max_steps:
+            wait_start = time.perf_counter()
+            groups = buffer.take(settings.groups_per_step, state.step, settings.sample_timeout_s, link.alive)
+            waited = time.perf_counter() - wait_start
+            scalars = learner.step(groups, fresh=[g.policy_version == state.step for g in groups])
+            version = state.step + 1
+            directory, write_s = publisher.publish(model, version)
+            link.control.put(("weights", version, str(directory)))
+            sent_at[version] = time.perf_counter()
+            link.pump()
+            state = RLState(version, state.samples_trained + sum(g.size for g in groups),
+                            groups[-1].prompt_index + 1)
+            ledger.append({"step": version, "prompt_indices": [g.prompt_index for g in groups],
+                           "policy_versions": [g.policy_version for g in groups],
+                           "samples": sum(g.size for g in groups), "samples_trained": state.samples_trained})
+            scalars.update(_drain_rollout_metrics(link, sent_at, buffer))
+            scalars.update({"learner/wait_s": waited, "learner/samples_per_s": scalars["train/samples"] / max(
+                1e-9, scalars["train/step_s"])})
+            if version % settings.eval_every == 0 or version == settings.max_steps:
+                link.pump(block_for="synced") if link.synced[-1:] and link.synced[-1][0] < version else None
+                _wait_synced(link, version)
+                scalars.update(_eval_scalars(evaluate_held_out(link, tokenizer, held_out, f"step-{version}")))
+            metrics.log(version, scalars)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{scalars.get('rollout/reward_mean', float('nan')):.2f}",
+                                     acc=f"{scalars.get('eval/accuracy', float('nan')):.2f}")
+            if version % settings.checkpoint_every == 0 or version == settings.max_steps:
+                save_checkpoint(run_dir, model, tokenizer, learner.optimizer, state)
+        figures["rl_wall_s"] = time.perf_counter() - rl_start
+        _wait_synced(link, state.step)
+        final = evaluate_held_out(link, tokenizer, held_out, "final")
+        figures["final_eval"] = final
+        figures["staleness"] = vars(buffer.gate.samples)
+    finally:
+        link.stop()
+        metrics.close()
+        publisher.close()
+    model.save_pretrained(run_dir / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "policy")
+    figures["state"] = vars(state)
+    return figures
+
+
+def _wait_synced(link: WorkerLink, version: int) -> None:
+    while not any(v >= version for v, _, _ in link.synced):
+        link.pump(block_for="synced")
+
+
+def _eval_scalars(result: dict) -> dict[str, float]:
+    return {"eval/accuracy": result["accuracy"], "eval/accuracy_low": result["low"],
+            "eval/accuracy_high": result["high"]}
+
+
+def _drain_rollout_metrics(link: WorkerLink, sent_at: dict[int, float], buffer: SampleBuffer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if link.generated:
+        last = link.generated[-1]
+        out.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
+        out["rollout/generate_s_mean"] = sum(g["rollout/generate_s"] for g in link.generated) / len(link.generated)
+        link.generated.clear()
+    for version, reload_s, acked in link.synced:
+        if version in sent_at:
+            out["sync/reload_s"] = reload_s
+            out["sync/roundtrip_s"] = acked - sent_at.pop(version)
+    gate = buffer.gate.samples
+    out.update({"staleness/fresh_samples": gate.fresh, "staleness/corrected_samples": gate.corrected,
+                "staleness/dropped_samples": gate.dropped, "staleness/max": gate.max_seen})
+    return out

@@ -1,0 +1,144 @@
+"""The rollout worker: a process that owns a vLLM engine and generates scored groups continuously.
+
+Protocol (all messages are plain picklable tuples):
+
+    learner -> worker (control queue)
+        ("weights", version, directory)   reload weights in place; later batches carry `version`
+        ("eval", tag, prompt_ids, max_tokens)   greedy completions with the current weights
+        ("stop",)
+    worker -> learner
+        samples queue: RolloutGroup, one per prompt, bounded
+        events queue:  ("ready", startup_s) | ("synced", version, reload_s)
+                       | ("generated", metrics) | ("eval", tag, texts) | ("error", traceback)
+
+Batch `b` (the batch the learner consumes at step `b`) is generated only when the loaded weights
+are recent enough for it to arrive within the staleness bound (`buffer.may_generate`); with
+`max_staleness = 0` the worker waits for each step's weights before generating the next batch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from rewards.registry import RewardSpec
+from rollouts.buffer import RolloutGroup, may_generate
+from rollouts.engine import EngineSettings
+from rollouts.prompts import PromptSource
+
+
+@dataclass
+class WorkerSpec:
+    model_dir: str
+    prompts: PromptSource
+    rewards: list[RewardSpec]
+    group_size: int
+    groups_per_batch: int
+    temperature: float
+    max_tokens: int
+    max_staleness: int
+    start_batch: int = 0
+    start_version: int = 0
+    start_prompt_index: int = 0
+    reward_workers: int = 2
+    torch_threads: int = 1
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+def worker_main(spec: WorkerSpec, samples, control, events) -> None:
+    """Process entry point; reports any crash as an ("error", traceback) event before exiting."""
+    try:
+        _run(spec, samples, control, events)
+    except BaseException:  # noqa: BLE001 - the traceback is the report the learner needs
+        events.put(("error", traceback.format_exc()))
+        raise
+
+
+def _run(spec: WorkerSpec, samples, control, events) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from rewards.pool import RewardPool
+    from rollouts.engine import RolloutEngine
+
+    torch.set_num_threads(spec.torch_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec.torch_threads))
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    engine = RolloutEngine(spec.model_dir, spec.engine)
+    version, batch, next_prompt = spec.start_version, spec.start_batch, spec.start_prompt_index
+    parent = os.getppid()
+    with RewardPool(spec.rewards, workers=spec.reward_workers) as pool:
+        events.put(("ready", engine.startup_s))
+        while True:
+            if os.getppid() != parent:  # the learner was killed: nobody will consume our samples
+                break
+            blocked = not may_generate(batch, version, spec.max_staleness)
+            message = _next_message(control, block=blocked)
+            if message is not None:
+                kind = message[0]
+                if kind == "stop":
+                    break
+                if kind == "weights":
+                    _, version, directory = message
+                    events.put(("synced", version, engine.reload_weights(directory)))
+                elif kind == "eval":
+                    _, tag, prompt_ids, max_tokens = message
+                    outputs = engine.generate(prompt_ids, n=1, temperature=0.0, max_tokens=max_tokens)
+                    events.put(("eval", tag, [o[0].text for o in outputs]))
+                continue  # drain every pending message before generating
+            metrics = _generate_batch(spec, engine, tokenizer, pool, samples, version, next_prompt)
+            events.put(("generated", {**metrics, "rollout/batch": batch}))
+            batch += 1
+            next_prompt += spec.groups_per_batch
+    engine.close()
+
+
+def _next_message(control, block: bool):
+    try:
+        return control.get(timeout=1.0) if block else control.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _generate_batch(spec, engine, tokenizer, pool, samples, version: int, first_prompt: int) -> dict[str, float]:
+    start = time.perf_counter()
+    indices = range(first_prompt, first_prompt + spec.groups_per_batch)
+    prompts, columns = zip(*(spec.prompts.get(i) for i in indices))
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    outputs = engine.generate(
+        prompt_ids, n=spec.group_size, temperature=spec.temperature, max_tokens=spec.max_tokens
+    )
+    generate_s = time.perf_counter() - start
+    flat_prompts = [p for p in prompts for _ in range(spec.group_size)]
+    flat = [g for gens in outputs for g in gens]
+    flat_columns = {
+        key: [c[key] for c in columns for _ in range(spec.group_size)] for key in (columns[0] if columns else {})
+    }
+    scored = pool.score(flat_prompts, [g.text for g in flat], [list(g.token_ids) for g in flat], flat_columns)
+    for k, index in enumerate(indices):
+        gens = outputs[k]
+        samples.put(
+            RolloutGroup(
+                prompt_index=index,
+                prompt=prompts[k],
+                prompt_ids=prompt_ids[k],
+                completion_ids=[list(g.token_ids) for g in gens],
+                sampling_logprobs=[list(g.logprobs) for g in gens],
+                completions=[g.text for g in gens],
+                rewards=scored.total[k * spec.group_size : (k + 1) * spec.group_size],
+                policy_version=version,
+                columns=columns[k],
+            )
+        )
+    tokens = sum(len(g.token_ids) for g in flat)
+    return {
+        "rollout/generate_s": generate_s,
+        "rollout/score_s": time.perf_counter() - start - generate_s,
+        "rollout/tokens": float(tokens),
+        "rollout/tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
+        "rollout/reward_mean": sum(scored.total) / len(scored.total),
+        **pool.stats(),
+    }
