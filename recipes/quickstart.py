@@ -169,17 +169,31 @@ def rl_stage(cfg: QuickstartConfig, task, run_dir: Path) -> dict:
         checkpoint_every=r.checkpoint_every, eval_every=r.eval_every,
         learner=LearnerSettings(learning_rate=r.learning_rate, beta=r.beta, loss_type=r.loss_type,
                                 epsilon=r.epsilon, importance_cap=r.importance_cap,
-                                max_completion_length=r.max_tokens, seed=cfg.seed),
+                                max_completion_length=r.max_tokens, temperature=r.temperature,
+                                seed=cfg.seed),
     )
     held_out = HeldOut([p.prompt for p in held], [p.answer for p in held], score_answer, r.max_tokens)
     with tqdm(total=r.max_steps, desc="RL steps", unit="step") as bar:
         return run_rl(policy_dir, run_dir, tokenizer, worker, settings, held_out, progress=bar)
 
 
+def check_rewards(cfg: QuickstartConfig) -> None:
+    """Resolve every entry of `rl.rewards` now, so a bad reward fails before any work or directory."""
+    from rewards.registry import parse_reward_specs, resolve
+    from rlpost.errors import UserError
+
+    try:
+        for spec in parse_reward_specs(cfg.rl.rewards):
+            resolve(spec.name)
+    except UserError as exc:
+        raise UserError(f"key 'rl.rewards': {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe = Path(argv.pop(0)) if argv and not "=" in argv[0] else DEFAULT_RECIPE
     cfg = load_config(QuickstartConfig, recipe, argv)
+    check_rewards(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: RLState, 
     root = checkpoint_root(run_dir)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in root.glob(".tmp-step-*"):  # from a run killed while writing
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "policy", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "policy")
@@ -43,7 +44,8 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: RLState, 
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    complete = [p for p in sorted(root.glob("step-*")) if (p / "state.json").exists()]
+    for old in complete[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

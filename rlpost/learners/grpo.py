@@ -34,6 +34,7 @@ class LearnerSettings:
     importance_cap: float = 2.0
     scale_rewards: str = "group"
     max_completion_length: int = 8
+    temperature: float = 1.0  # must equal the rollout temperature: TRL scales logits by it
     seed: int = 0
 
 
@@ -78,6 +79,7 @@ class GRPOLearner:
             num_generations=group_size,
             per_device_train_batch_size=group_size,
             max_completion_length=settings.max_completion_length,
+            temperature=settings.temperature,
             use_cpu=True,
             bf16=False,
             report_to=[],
@@ -105,6 +107,8 @@ class GRPOLearner:
     def build_inputs(self, groups: list[RolloutGroup]) -> dict[str, torch.Tensor]:
         """The tensors TRL's `compute_loss` expects, from scored rollout groups."""
         pad = self.tokenizer.pad_token_id
+        if len({g.size for g in groups}) != 1:
+            raise ValueError(f"groups of different sizes {sorted({g.size for g in groups})} cannot share advantages")
         prompts, completions, sampling, rewards = [], [], [], []
         for group in groups:
             for ids, logps, reward in zip(group.completion_ids, group.sampling_logprobs, group.rewards):

@@ -1,0 +1,1 @@
+"""Subcommands of the `rlpost` console command (see `rlpost.cli`)."""
