@@ -98,3 +98,79 @@ def find_overlaps(
 def contaminated_indices(overlaps: Iterable[Overlap]) -> list[int]:
     """Sorted distinct training-row indices that appear in `overlaps` (the rows to drop)."""
     return sorted({o.train_index for o in overlaps})
+
+
+# ---------------------------------------------------------------- training data vs benchmarks
+
+BENCHMARK_TEXT_FIELD = {"gsm8k": "question"}  # default field per benchmark (others: "prompt")
+_EXAMPLE_CHARS = 200
+
+
+def text_of(value: object) -> str:
+    """A row value as text: a string as is, a chat (list of {'content': ...}) as its joined
+    contents, anything else as its `str`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return "\n".join(str(m.get("content", "")) for m in value)
+    return "" if value is None else str(value)
+
+
+def _split_field(spec: str) -> tuple[str, str | None]:
+    """'gsm8k:solution' -> ('gsm8k', 'solution'); 'gsm8k' -> ('gsm8k', None)."""
+    name, sep, field = spec.rpartition(":")
+    return (name, field) if sep and name and field.isidentifier() else (spec, None)
+
+
+def benchmark_texts(spec: str) -> tuple[str, str, list[str]]:
+    """(name, field, texts) of a benchmark named as 'NAME' or 'NAME:FIELD'.
+
+    The default field is the question a model is shown, without instructions or few-shot
+    examples (gsm8k: 'question'; others: 'prompt'), so shared boilerplate does not count.
+    """
+    import rlpost.evaluation.addition  # noqa: F401  (registers the `addition` benchmark)
+    from rlpost.evaluation.benchmarks import load_benchmark
+
+    name, field = _split_field(spec.strip())
+    field = field or BENCHMARK_TEXT_FIELD.get(name, "prompt")
+    rows = load_benchmark(name).rows
+    if rows and field not in rows[0]:
+        raise UserError(f"benchmark {name!r} has no field {field!r}; its fields: {', '.join(rows[0])}")
+    return name, field, [text_of(row.get(field)) for row in rows]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + "..."
+
+
+def check_contamination(
+    train_texts: Sequence[str], benchmark_names: Sequence[str], n: int = 8,
+    min_ratio: float = 0.0, max_examples: int = 5,
+) -> dict:
+    """Overlap of training texts with each named benchmark ('NAME' or 'NAME:FIELD').
+
+    Returns {"n", "min_ratio", "train_rows", "contaminated_train_rows" (all benchmarks),
+    "contaminated_train_indices", "benchmarks": {name: {"field", "rows", "overlapping_pairs",
+    "contaminated_train_rows", "contaminated_benchmark_rows", "examples": [...]}}}; each example
+    holds the two row indices, the first shared n-gram, the shared count and ratio, and both texts
+    (clipped to 200 characters). A training recipe can drop `contaminated_train_indices`.
+    """
+    if not benchmark_names:
+        raise UserError("name at least one benchmark to check against, e.g. gsm8k")
+    texts = [text_of(t) for t in train_texts]
+    report, dirty = {}, set()
+    for spec in benchmark_names:
+        name, field, bench = benchmark_texts(spec)
+        overlaps = find_overlaps(texts, bench, n=n, min_ratio=min_ratio)
+        rows = contaminated_indices(overlaps)
+        dirty.update(rows)
+        report[spec] = {
+            "benchmark": name, "field": field, "rows": len(bench), "overlapping_pairs": len(overlaps),
+            "contaminated_train_rows": len(rows),
+            "contaminated_benchmark_rows": len({o.bench_index for o in overlaps}),
+            "examples": [{"train_index": o.train_index, "bench_index": o.bench_index, "ngram": o.ngram,
+                          "shared": o.shared, "ratio": o.ratio, "train_text": _clip(texts[o.train_index]),
+                          "bench_text": _clip(bench[o.bench_index])} for o in overlaps[:max_examples]],
+        }
+    return {"n": n, "min_ratio": min_ratio, "train_rows": len(texts), "contaminated_train_rows": len(dirty),
+            "contaminated_train_indices": sorted(dirty), "benchmarks": report}
