@@ -5,8 +5,8 @@ Run it with `rlpost run` (or `python -m recipes.quickstart [recipe.yaml] [key=va
 Why this task, and why RL helps here
 ------------------------------------
 The policy is a 1.6M-parameter Qwen2-architecture model with a character tokenizer, built locally.
-The task is two-digit addition written the way column addition produces digits (least
-significant first: 57+68 -> "521"). The SFT demonstrations come from a *careless demonstrator*
+The task is two-digit addition, `"57+68="` -> `"125"`, answered then EOS, checked by exact match.
+The SFT demonstrations come from a *careless demonstrator*
 that forgets each carry with probability `task.carry_slip` (0.6) - the situation RL post-training
 exists for: demonstrations are imperfect, the verifier is exact. SFT trains on its fixed
 demonstration set until validation accuracy (checked by the exact verifier on prompts outside the
@@ -51,7 +51,7 @@ class TaskSection:
     max_operand: int = setting(99, "operands are integers in [0, max_operand]")
     held_out_percent: int = setting(15, "percent of all operand pairs reserved for evaluation only")
     carry_slip: float = setting(0.6, "probability that the demonstrator forgets a carry")
-    reverse: bool = setting(True, "write the sum least-significant digit first")
+    reverse: bool = setting(False, "write the sum least-significant digit first")
 
 
 @dataclass
@@ -63,7 +63,7 @@ class SFTSection:
     max_epochs: int = setting(60, "upper bound on epochs")
     eval_every_epochs: int = setting(1, "validate every N epochs")
     patience: int = setting(3, "stop after N validations without improvement")
-    min_epochs: int = setting(8, "never stop before this epoch")
+    min_epochs: int = setting(20, "never stop before this epoch (the first epochs are flat)")
     threads: int = setting(2, "torch CPU threads for SFT")
 
 
@@ -133,16 +133,9 @@ def sft_stage(cfg: QuickstartConfig, task, run_dir: Path) -> dict:
     save_pretrained(model, tokenizer, run_dir / "sft" / "policy")
     record = {"best_val_accuracy": result.best_accuracy, "best_epoch": result.best_epoch,
               "epochs_run": result.epochs_run, "history": result.history, "wall_s": result.wall_s,
-              "demonstration_accuracy": sum(c == task_answer(p) for p, c in demos) / len(demos)}
+              "demonstration_accuracy": sum(c == task.answer_for(p) for p, c in demos) / len(demos)}
     done.write_text(json.dumps(record, indent=2))
     return record
-
-
-def task_answer(prompt: str) -> str:
-    from rlpost.tasks.arithmetic import written_sum
-
-    a, b = prompt.rstrip("=").split("+")
-    return written_sum(int(a), int(b), reverse=True)
 
 
 def rl_stage(cfg: QuickstartConfig, task, run_dir: Path) -> dict:

@@ -156,7 +156,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             result = evaluate_held_out(link, tokenizer, held_out, "step-0")
             metrics.log(0, _eval_scalars(result))
         sent_at: dict[int, float] = {}
-        rl_start = time.perf_counter()
+        rl_start = last_step_end = time.perf_counter()
         while state.step < settings.max_steps:
             wait_start = time.perf_counter()
             groups = buffer.take(settings.groups_per_step, state.step, settings.sample_timeout_s, link.alive)
@@ -173,10 +173,13 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                            "policy_versions": [g.policy_version for g in groups],
                            "samples": sum(g.size for g in groups), "samples_trained": state.samples_trained})
             scalars.update(_drain_rollout_metrics(link, sent_at, buffer))
-            scalars.update({"learner/wait_s": waited, "learner/samples_per_s": scalars["train/samples"] / max(
-                1e-9, scalars["train/step_s"])})
+            now = time.perf_counter()
+            scalars.update({"learner/wait_s": waited, "sync/write_s": write_s,
+                            "learner/update_s": scalars["train/step_s"] + write_s,
+                            "loop/step_wall_s": now - last_step_end,
+                            "learner/samples_per_s": scalars["train/samples"] / max(1e-9, scalars["train/step_s"])})
+            last_step_end = now
             if version % settings.eval_every == 0 or version == settings.max_steps:
-                link.pump(block_for="synced") if link.synced[-1:] and link.synced[-1][0] < version else None
                 _wait_synced(link, version)
                 scalars.update(_eval_scalars(evaluate_held_out(link, tokenizer, held_out, f"step-{version}")))
             metrics.log(version, scalars)
@@ -216,7 +219,7 @@ def _drain_rollout_metrics(link: WorkerLink, sent_at: dict[int, float], buffer: 
     if link.generated:
         last = link.generated[-1]
         out.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
-        out["rollout/generate_s_mean"] = sum(g["rollout/generate_s"] for g in link.generated) / len(link.generated)
+        out["rollout/batch_s_mean"] = sum(g["rollout/batch_s"] for g in link.generated) / len(link.generated)
         link.generated.clear()
     for version, reload_s, acked in link.synced:
         if version in sent_at:

@@ -137,6 +137,7 @@ def _generate_batch(spec, engine, tokenizer, pool, samples, version: int, first_
     return {
         "rollout/generate_s": generate_s,
         "rollout/score_s": time.perf_counter() - start - generate_s,
+        "rollout/batch_s": time.perf_counter() - start,
         "rollout/tokens": float(tokens),
         "rollout/tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
         "rollout/reward_mean": sum(scored.total) / len(scored.total),

@@ -52,8 +52,8 @@ def test_written_sum_without_slips_is_the_sum_for_every_pair():
 
 def test_problem_prompt_and_answer():
     assert Problem(57, 68).prompt == "57+68="
-    assert Problem(57, 68).answer == "521"
-    assert Problem(57, 68, reverse=False).answer == "125"
+    assert Problem(57, 68).answer == "125"  # the default writes the sum as usual
+    assert Problem(57, 68, reverse=True).answer == "521"
 
 
 def test_held_out_and_training_prompts_are_disjoint(task):
@@ -96,7 +96,7 @@ def carries(a: int, b: int) -> int:
 
 def demo_correct(prompt: str, completion: str) -> bool:
     a, b = map(int, prompt[:-1].split("+"))
-    return completion == str(a + b)[::-1]
+    return completion == str(a + b)  # the default task writes sums most-significant digit first
 
 
 def test_demonstrations_with_no_slips_or_certain_slips_are_exact():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 class Problem:
     a: int
     b: int
-    reverse: bool = True
+    reverse: bool = False
 
     @property
     def prompt(self) -> str:
@@ -56,7 +56,7 @@ class AdditionTask:
 
     max_operand: int = 99
     held_out_percent: int = 15
-    reverse: bool = True
+    reverse: bool = False
     carry_slip: float = 0.0
 
     def _pairs(self, held_out: bool) -> list[tuple[int, int]]:
@@ -86,6 +86,11 @@ class AdditionTask:
             slips = tuple(rng.random() < self.carry_slip for _ in range(4))
             demos.append((f"{a}+{b}=", written_sum(a, b, self.reverse, slips)))
         return demos
+
+    def answer_for(self, prompt: str) -> str:
+        """The correct answer to a prompt `"a+b="` of this task."""
+        a, b = prompt.rstrip("=").split("+")
+        return Problem(int(a), int(b), self.reverse).answer
 
     def held_out(self, count: int, seed: int = 0) -> list[Problem]:
         """`count` distinct held-out problems (evaluation only)."""

@@ -1,0 +1,103 @@
+"""Time per RL step, synchronous vs asynchronous, on the quickstart model, measured in one run.
+
+    python -m bench.async_pipeline [--steps 40] [--policy DIR]
+
+Runs the real loop (vLLM rollout worker, reward processes, TRL GRPO learner, weight sync) twice
+from the same policy: `max_staleness=0` (generate, then train) and `max_staleness=1` (generation
+of batch b+1 overlaps training on batch b). For each mode it prints the median wall time per step
+and the medians of the two parts measured in that same run:
+
+    gen   = rollout worker's time for one batch (generate + score)
+    train = learner's time for one update (TRL loss + backward + optimiser + weight publish)
+
+and the ratio step / max(gen, train). Synchronous training cannot beat gen + train; the target
+for asynchronous training is a ratio <= 1.15. The first `--warmup` steps of each mode are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+
+def _quickstart_policy(directory: Path) -> Path:
+    """The quickstart's SFT policy if one exists, else a freshly initialised model of the same shape."""
+    existing = Path("runs/quickstart/sft/policy")
+    if (existing / "model.safetensors").exists():
+        return existing
+    from recipes.quickstart import ModelSection
+    from rlpost.modeling import ModelShape, build_model, build_tokenizer, save_pretrained
+
+    m = ModelSection()
+    tok = build_tokenizer()
+    shape = ModelShape(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size)
+    return save_pretrained(build_model(tok, shape), tok, directory / "policy")
+
+
+def run_mode(policy: Path, work: Path, staleness: int, steps: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from recipes.quickstart import QuickstartConfig, build_task
+    from rewards.registry import parse_reward_specs
+    from rlpost.learners.grpo import LearnerSettings
+    from rlpost.loop import HeldOut, LoopSettings, run_rl
+    from rlpost.tasks.arithmetic import score_answer
+    from rollouts.prompts import TaskPrompts
+    from rollouts.worker import WorkerSpec
+
+    cfg = QuickstartConfig()
+    task, r = build_task(cfg), cfg.rl
+    run_dir = work / f"staleness-{staleness}"
+    worker = WorkerSpec(model_dir=str(policy), prompts=TaskPrompts(task, cfg.seed),
+                        rewards=parse_reward_specs(r.rewards), group_size=r.group_size,
+                        groups_per_batch=r.groups_per_step, temperature=r.temperature, max_tokens=r.max_tokens,
+                        max_staleness=staleness, reward_workers=1)
+    settings = LoopSettings(max_steps=steps, groups_per_step=r.groups_per_step, max_staleness=staleness,
+                            checkpoint_every=10**9, eval_every=10**9,
+                            learner=LearnerSettings(learning_rate=r.learning_rate, max_completion_length=r.max_tokens))
+    held = task.held_out(8, cfg.seed)
+    held_out = HeldOut([p.prompt for p in held], [p.answer for p in held], score_answer, r.max_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    run_rl(policy, run_dir, tokenizer, worker, settings, held_out)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarize(rows: list[dict], warmup: int) -> dict:
+    steady = [r for r in rows if r["step"] > warmup]
+    median = lambda key: statistics.median(r[key] for r in steady if key in r)  # noqa: E731
+    step, gen, train = median("loop/step_wall_s"), median("rollout/batch_s"), median("learner/update_s")
+    return {"steps": len(steady), "step_s": step, "gen_s": gen, "train_s": train,
+            "ratio_to_max": step / max(gen, train), "ratio_to_sum": step / (gen + train)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--policy", type=Path, help="policy directory (default: quickstart SFT policy or fresh model)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="rlpost-bench-"))
+    try:
+        policy = args.policy or _quickstart_policy(work)
+        results = {mode: summarize(run_mode(policy, work, staleness, args.steps), args.warmup)
+                   for mode, staleness in (("sync", 0), ("async", 1))}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"policy: {policy}; {args.steps} steps per mode, first {args.warmup} excluded; medians")
+    print(f"{'mode':<6} {'step s':>8} {'gen s':>8} {'train s':>8} {'step/max(gen,train)':>20} {'step/(gen+train)':>17}")
+    for mode, r in results.items():
+        print(f"{mode:<6} {r['step_s']:8.3f} {r['gen_s']:8.3f} {r['train_s']:8.3f} {r['ratio_to_max']:20.2f} "
+              f"{r['ratio_to_sum']:17.2f}")
+    print(f"async speed-up over sync: {results['sync']['step_s'] / results['async']['step_s']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
