@@ -69,7 +69,7 @@ class SFTSection:
 
 @dataclass
 class RLSection:
-    max_steps: int = setting(150, "GRPO optimiser steps")
+    max_steps: int = setting(200, "GRPO optimiser steps")
     groups_per_step: int = setting(8, "prompts per step")
     group_size: int = setting(16, "samples per prompt (the GRPO group)")
     temperature: float = setting(1.0, "sampling temperature for rollouts")

@@ -59,7 +59,7 @@ class SyntheticSection:
     held_out_pairs: int = setting(500, "evaluation pairs on distinct held-out problems")
     max_operand: int = setting(99, "operands are integers in [0, max_operand]")
     held_out_percent: int = setting(15, "percent of all operand pairs reserved for evaluation only")
-    reverse: bool = setting(True, "write sums least-significant digit first (as the quickstart does)")
+    reverse: bool = setting(False, "write sums least-significant digit first (the quickstart does not)")
     rejected: str = setting("carry_error", "how the wrong sum is made",
                             choices=("carry_error", "random", "wrong_operation"))
 

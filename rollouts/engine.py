@@ -86,6 +86,7 @@ class RolloutEngine:
             # which is what importance-sampling correction needs.
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=False,
+            use_tqdm_on_load=False,  # no progress bar at every weight reload
         )
         if cuda_available():
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
