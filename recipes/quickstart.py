@@ -91,6 +91,8 @@ class QuickstartConfig:
     run_dir: Path = setting(Path("runs/quickstart"), "where checkpoints, logs, plots and summary.json go")
     seed: int = setting(0, "seed for data, model initialisation and sampling")
     held_out_prompts: int = setting(1000, "held-out prompts for the SFT-vs-RL comparison")
+    decontaminate_against: list[str] = setting(
+        [], "benchmarks ('NAME' or 'NAME:FIELD') to n-gram-check the demonstrations against before training")
     model: ModelSection = setting(ModelSection, "model shape")
     task: TaskSection = setting(TaskSection, "the verifiable task")
     sft: SFTSection = setting(SFTSection, "SFT warm-up")
@@ -120,6 +122,8 @@ def sft_stage(cfg: QuickstartConfig, task, run_dir: Path) -> dict:
     model = build_model(tokenizer, ModelShape(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
                                               m.intermediate_size), seed=cfg.seed)
     demos = task.demonstrations(cfg.sft.demonstrations, cfg.seed)
+    if cfg.decontaminate_against:
+        report_contamination([p + c for p, c in demos], cfg.decontaminate_against, run_dir)
     seen = {p for p, _ in demos}
     validation = [p for p in (task.train_problem(cfg.seed + 10_000, i) for i in range(50 * cfg.sft.validation_prompts))
                   if p.prompt not in seen][: cfg.sft.validation_prompts]
@@ -136,6 +140,19 @@ def sft_stage(cfg: QuickstartConfig, task, run_dir: Path) -> dict:
               "demonstration_accuracy": sum(c == task.answer_for(p) for p, c in demos) / len(demos)}
     done.write_text(json.dumps(record, indent=2))
     return record
+
+
+def report_contamination(texts: list[str], benchmarks: list[str], run_dir: Path) -> None:
+    """Tulu 3-style 8-gram overlap of the training data with each named benchmark, reported before training."""
+    from rlpost.evaluation.decontaminate import check_contamination
+
+    report = check_contamination(texts, benchmarks)
+    (run_dir / "decontamination.json").write_text(json.dumps(report, indent=2))
+    for name, found in report["benchmarks"].items():
+        logging.getLogger("rlpost.decontaminate").warning(
+            "%d of %d training rows share an 8-gram with %s (%d benchmark rows); see %s",
+            found["contaminated_train_rows"], len(texts), name, found["contaminated_benchmark_rows"],
+            run_dir / "decontamination.json")
 
 
 def rl_stage(cfg: QuickstartConfig, task, run_dir: Path) -> dict:

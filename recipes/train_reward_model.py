@@ -219,7 +219,6 @@ def train_model(cfg: RewardModelRecipe, model, tokenizer, train: list[dict], out
                             processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(out_dir))
-    tokenizer.save_pretrained(out_dir)
     return time.perf_counter() - start
 
 

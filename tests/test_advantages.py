@@ -72,3 +72,13 @@ def test_equal_logprobs_give_unit_weights():
     logps = torch.tensor([[-0.3, -2.0], [-1.0, -0.01]])
     w = truncated_importance_weights(logps, logps.clone(), torch.ones(2, 2), cap=1.5)
     assert torch.equal(w, torch.ones(2, 2))
+
+
+def test_k3_kl_estimator_hand_computed():
+    from rlpost.learners.grpo import _k3_kl
+
+    sampler = torch.log(torch.tensor([[0.5, 0.25]]))
+    learner = torch.log(torch.tensor([[0.5, 0.5]]))
+    # token 1: r = 1 -> 0; token 2: r = 2 -> 2 - 1 - ln 2
+    expected = torch.tensor([[0.0, 1.0 - math.log(2.0)]])
+    assert torch.allclose(_k3_kl(sampler, learner), expected, atol=1e-6)

@@ -92,3 +92,16 @@ def test_short_texts_match_only_exact_duplicates():
     train = ["what is 2+2", "What is 2 + 2 ?", "2 + 2", "what is 3 + 2", "what is 2 + 2 + 2"]
     # punctuation becomes spaces, so the first two are "what is 2 2" like the benchmark row
     assert [(o.train_index, o.bench_index) for o in find_overlaps(train, bench)] == [(0, 0), (1, 0)]
+
+
+def test_recipe_reports_planted_benchmark_rows_before_training(tmp_path):
+    import json
+
+    from recipes.quickstart import report_contamination
+    from rlpost.evaluation.benchmarks import load_benchmark
+
+    planted = load_benchmark("gsm8k", limit=3).rows[2]["question"]
+    report_contamination(["57+68=125", f"Q: {planted} A: 7", "1+1=2"], ["gsm8k"], tmp_path)
+    report = json.loads((tmp_path / "decontamination.json").read_text())
+    assert report["contaminated_train_indices"] == [1]
+    assert report["benchmarks"]["gsm8k"]["contaminated_benchmark_rows"] >= 1

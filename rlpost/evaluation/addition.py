@@ -29,7 +29,7 @@ _RUN_LEVELS = 3  # RUN/checkpoints/step-N/policy is three levels below RUN
 def load_addition(
     max_operand: int = 99,
     held_out_percent: int = 15,
-    reverse: bool = True,
+    reverse: bool = False,
     carry_slip: float = 0.0,
     count: int = DEFAULT_COUNT,
     seed: int = 0,

@@ -62,6 +62,18 @@ def _right_pad(rows: list[list], pad, dtype) -> tuple[torch.Tensor, torch.Tensor
     return values, mask
 
 
+def _k3_kl(sampler_logps: torch.Tensor, learner_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(sampler || learner) from samples of the sampler (Schulman's k3):
+
+        log_r = log pi_learner(y) - log pi_sampler(y),   k3 = exp(log_r) - 1 - log_r  >= 0
+
+    Zero for on-policy samples; it measures how far the learner has moved since a sample was drawn.
+    (TRL reports KL to the reference model only when beta > 0.)
+    """
+    log_r = learner_logps - sampler_logps
+    return torch.exp(log_r) - 1 - log_r
+
+
 class GRPOLearner:
     """Owns the policy model and its optimiser; `step(groups)` applies one GRPO update with TRL's loss."""
 
@@ -172,6 +184,8 @@ class GRPOLearner:
                 "train/completion_tokens": float(mask.sum()),
                 "rollout/logprob_mismatch_max": float(diff[fresh_mask].max()) if fresh_mask.any() else float("nan"),
                 "rollout/importance_weight_mean": float(inputs["importance_sampling_ratio"][mask].mean()),
+                "train/kl_sampler_to_learner": float(_k3_kl(inputs["sampling_per_token_logps"],
+                                                            inputs["old_per_token_logps"])[mask].mean()),
             }
         )
         return metrics
