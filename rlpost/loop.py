@@ -63,7 +63,7 @@ class WorkerLink:
                                    name="rlpost-rollout")
         self.generated: list[dict] = []
         self.synced: list[tuple[int, float, float]] = []  # (version, reload_s, acknowledged_at)
-        self.evals: dict[str, list[str]] = {}
+        self.generations: dict[str, list] = {}
         self.process.start()
 
     def alive(self) -> bool:
@@ -90,18 +90,19 @@ class WorkerLink:
                 self.generated.append(event[1])
             elif kind == "synced":
                 self.synced.append((event[1], event[2], time.perf_counter()))
-            elif kind == "eval":
-                self.evals[event[1]] = event[2]
+            elif kind == "generations":
+                self.generations[event[1]] = event[2]
             elif kind == "ready":
                 self.startup_s = event[1]
             if block_for and kind == block_for:
                 return
 
-    def evaluate(self, tag: str, prompt_ids: list[list[int]], max_tokens: int) -> list[str]:
-        self.control.put(("eval", tag, prompt_ids, max_tokens))
-        while tag not in self.evals:
-            self.pump(block_for="eval")
-        return self.evals.pop(tag)
+    def generate(self, tag: str, prompt_ids: list[list[int]], temperature: float, max_tokens: int) -> list:
+        """One completion per prompt from the worker's engine with its current weights."""
+        self.control.put(("generate", tag, prompt_ids, temperature, max_tokens))
+        while tag not in self.generations:
+            self.pump(block_for="generations")
+        return self.generations.pop(tag)
 
     def stop(self) -> None:
         if self.alive():
@@ -117,11 +118,21 @@ def evaluate_held_out(link: WorkerLink, tokenizer, held_out: HeldOut, tag: str) 
     from rlpost.evaluation.metrics import accuracy
 
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in held_out.prompts]
-    texts = link.evaluate(tag, ids, held_out.max_tokens)
+    texts = [g.text for g in link.generate(tag, ids, 0.0, held_out.max_tokens)]
     scores = [held_out.score(t, a) for t, a in zip(texts, held_out.answers)]
     est = accuracy(scores)
     return {"accuracy": est.value, "low": est.low, "high": est.high, "n": est.n, "method": est.method,
             "completions": texts}
+
+
+def probe_logprob_mismatch(link: WorkerLink, learner: GRPOLearner, prompt_ids: list[list[int]], tag: str,
+                           temperature: float, max_tokens: int) -> float:
+    """Max |vLLM sampling logprob - learner logprob| over a probe batch, same tokens, same weights.
+
+    Call only when the worker has acknowledged the learner's current version."""
+    generations = link.generate(tag, prompt_ids, temperature, max_tokens)
+    return learner.logprob_mismatch(prompt_ids, [list(g.token_ids) for g in generations],
+                                    [list(g.logprobs) for g in generations])
 
 
 def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, settings: LoopSettings,
@@ -181,6 +192,9 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             last_step_end = now
             if version % settings.eval_every == 0 or version == settings.max_steps:
                 _wait_synced(link, version)
+                scalars["sync/logprob_mismatch_max"] = probe_logprob_mismatch(
+                    link, learner, [g.prompt_ids for g in groups], f"probe-{version}", worker.temperature,
+                    worker.max_tokens)
                 scalars.update(_eval_scalars(evaluate_held_out(link, tokenizer, held_out, f"step-{version}")))
             metrics.log(version, scalars)
             if progress is not None:

@@ -117,8 +117,9 @@ def summarize_rl_run(run_dir: Path, sft: dict, rl: dict, timings: dict) -> dict:
         "generation_tokens_per_s": _mean(rows, "rollout/tokens_per_s"),
         "learner_samples_per_s": _mean(rows, "learner/samples_per_s"),
         "weight_sync_reload_s_mean": _mean(rows, "sync/reload_s"),
-        "logprob_mismatch_max": max((r["rollout/logprob_mismatch_max"] for r in rows
-                                     if "rollout/logprob_mismatch_max" in r), default=None),
+        "logprob_mismatch_max": max((r[k] for r in rows for k in ("rollout/logprob_mismatch_max",
+                                                                   "sync/logprob_mismatch_max") if k in r),
+                                    default=None),
         "staleness": rl.get("staleness"),
         "steps": rl["state"]["step"],
         "samples_trained": rl["state"]["samples_trained"],

@@ -4,12 +4,13 @@ Protocol (all messages are plain picklable tuples):
 
     learner -> worker (control queue)
         ("weights", version, directory)   reload weights in place; later batches carry `version`
-        ("eval", tag, prompt_ids, max_tokens)   greedy completions with the current weights
+        ("generate", tag, prompt_ids, temperature, max_tokens)   one completion per prompt with the
+                                          current weights (evaluation, logprob probes)
         ("stop",)
     worker -> learner
         samples queue: RolloutGroup, one per prompt, bounded
         events queue:  ("ready", startup_s) | ("synced", version, reload_s)
-                       | ("generated", metrics) | ("eval", tag, texts) | ("error", traceback)
+                       | ("generated", metrics) | ("generations", tag, [Generation]) | ("error", traceback)
 
 Batch `b` (the batch the learner consumes at step `b`) is generated only when the loaded weights
 are recent enough for it to arrive within the staleness bound (`buffer.may_generate`); with
@@ -84,10 +85,10 @@ def _run(spec: WorkerSpec, samples, control, events) -> None:
                 if kind == "weights":
                     _, version, directory = message
                     events.put(("synced", version, engine.reload_weights(directory)))
-                elif kind == "eval":
-                    _, tag, prompt_ids, max_tokens = message
-                    outputs = engine.generate(prompt_ids, n=1, temperature=0.0, max_tokens=max_tokens)
-                    events.put(("eval", tag, [o[0].text for o in outputs]))
+                elif kind == "generate":
+                    _, tag, prompt_ids, temperature, max_tokens = message
+                    outputs = engine.generate(prompt_ids, n=1, temperature=temperature, max_tokens=max_tokens)
+                    events.put(("generations", tag, [o[0] for o in outputs]))
                 continue  # drain every pending message before generating
             metrics = _generate_batch(spec, engine, tokenizer, pool, samples, version, next_prompt)
             events.put(("generated", {**metrics, "rollout/batch": batch}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -94,6 +95,23 @@ def test_scorer_errors_are_user_errors(rm_dir, tmp_path):
         RewardModelScorer(rm_dir).score([[{"role": "user", "content": "1+1="}]], ["2"])
 
 
+def test_chat_messages_are_scored_through_the_chat_template(rm_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(rm_dir, chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}<eos>"
+    tokenizer.save_pretrained(chat_dir)
+    scorer = RewardModelScorer(chat_dir)
+    user = [{"role": "user", "content": "1+1="}]
+    assert scorer.text(user, "2") == "1+1=2<eos>"
+    chat = scorer.score([user, user], ["2", [{"role": "assistant", "content": "3"}]])
+    assert chat == pytest.approx(RewardModelScorer(rm_dir).score(["1+1=", "1+1="], ["2", "3"]), abs=1e-6)
+    with pytest.raises(UserError, match="mixes chat messages and plain text"):
+        scorer.score([user, "1+1="], ["2", "2"])
+
+
 def test_reward_function_reads_env_var_or_kwarg(rm_dir, monkeypatch):
     expected = RewardModelScorer(rm_dir).score(["3+4=", "3+4="], ["7", "8"])
     monkeypatch.delenv(ENV_VAR, raising=False)
@@ -162,19 +180,22 @@ def test_jsonl_split_and_length_check(tmp_path):
     rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)} for i in range(20)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = recipe.load_config(recipe.RewardModelRecipe, None, [f"data={data}", "eval_fraction=0.25"])
-    train, held = recipe.file_pairs(cfg)
+    train, held = recipe.load_pairs(cfg, build_tokenizer(), 64)
     assert len(train) == 15 and len(held) == 5
     assert sorted(map(json.dumps, train + held)) == sorted(map(json.dumps, rows))
-    long = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "9" * 70, "chosen": "1", "rejected": "2"}]
-    with pytest.raises(UserError, match=r"row 1 \('chosen'\) is 72 tokens"):
-        recipe.check_lengths(long, build_tokenizer(), 64, "pairs.jsonl")
+    long = write_jsonl(tmp_path / "long.jsonl", rows[:3] + [{"prompt": "9" * 70, "chosen": "1", "rejected": "2"}])
+    cfg = recipe.load_config(recipe.RewardModelRecipe, None, [f"data={long}"])
+    with pytest.raises(UserError, match=r"long.jsonl: row 3 \('chosen'\) is 72 tokens, more than the model's 64"):
+        recipe.load_pairs(cfg, build_tokenizer(), 64)
+    with pytest.raises(UserError, match="eval_fraction must be in"):
+        recipe.split_pairs(rows, 1.0, 0, data)
 
 
 TINY_OVERRIDES = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
                   "model.intermediate_size=64"]
 
 
-@pytest.mark.parametrize("start", ["fresh", "init_from_causal_lm"])
+@pytest.mark.parametrize("start", ["fresh", "init_from_causal_lm", "jsonl_data"])
 def test_train_reward_model_recipe_learns_held_out_pairs(start, tmp_path, capsys):
     """200 synthetic pairs, tiny model, 5 epochs (35 steps): held-out accuracy clearly above chance.
 
@@ -187,6 +208,12 @@ def test_train_reward_model_recipe_learns_held_out_pairs(start, tmp_path, capsys
         tokenizer = build_tokenizer()
         save_pretrained(build_model(tokenizer, SHAPE, seed=0), tokenizer, tmp_path / "lm")
         overrides = [f"init_from={tmp_path / 'lm'}"]
+    if start == "jsonl_data":  # the same pairs, read from local files
+        cfg = recipe.load_config(recipe.RewardModelRecipe, None, [
+            "synthetic.rejected=wrong_operation", "synthetic.train_pairs=200", "synthetic.held_out_pairs=200"])
+        train, held = recipe.synthetic_pairs(cfg)
+        overrides += [f"data={write_jsonl(tmp_path / 'train.jsonl', train)}",
+                      f"eval_data={write_jsonl(tmp_path / 'held.jsonl', held)}"]
     metrics = recipe.main([
         f"output_dir={tmp_path / 'out'}", "synthetic.rejected=wrong_operation", "synthetic.train_pairs=200",
         "synthetic.held_out_pairs=200", "train.epochs=5", "train.threads=1", "train.logging_steps=1000",

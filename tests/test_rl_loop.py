@@ -65,6 +65,8 @@ def test_async_mode_respects_the_bound_and_counts_exactly(sft_run, tmp_path):
     assert summary["staleness"]["fresh"] == per_group * lags.count(0)
     assert summary["staleness"]["corrected"] == per_group * lags.count(1)
     assert summary["staleness"]["dropped"] == 0
+    probes = [m["sync/logprob_mismatch_max"] for m in metrics(tmp_path) if "sync/logprob_mismatch_max" in m]
+    assert len(probes) == 2 and max(probes) <= 1e-3  # steps 4 and 6: vLLM and learner agree after each sync
     assert (tmp_path / "training.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -156,6 +156,19 @@ class GRPOLearner:
             "num_items_in_batch": mask.sum(),
         }
 
+    @torch.no_grad()
+    def logprob_mismatch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                         sampling_logprobs: list[list[float]]) -> float:
+        """Max |sampler logprob - learner logprob| over the given completions, with the current weights."""
+        pad = self.tokenizer.pad_token_id
+        prompts, prompt_mask = _left_pad(prompt_ids, pad)
+        completions, completion_mask = _right_pad(completion_ids, pad, torch.long)
+        sampled, _ = _right_pad(sampling_logprobs, 0.0, torch.float32)
+        ours, _, _ = self.trainer._get_per_token_logps_and_entropies(
+            self.model, torch.cat([prompts, completions], 1), torch.cat([prompt_mask, completion_mask], 1),
+            completions.size(1))
+        return float((ours - sampled).abs()[completion_mask.bool()].max())
+
     def step(self, groups: list[RolloutGroup], fresh: list[bool] | None = None) -> dict[str, float]:
         """One optimiser step on `groups`. `fresh[i]` marks on-policy groups, whose sampling logprobs
         must equal the learner's: their max |difference| is reported as `rollout/logprob_mismatch_max`."""
