@@ -8,7 +8,10 @@ by `synthetic.rejected`:
 
     carry_error      the sum with the carry out of one column flipped (dropped where there was a
                      carry, added where there was none): s -/+ 10^(k+1), the careless
-                     demonstrator's kind of mistake; needs a few thousand pairs to learn
+                     demonstrator's kind of mistake. Measured on 500 held-out pairs (2-core
+                     CPU, one thread): 4000 pairs x 5 epochs 0.734 (43 s of training),
+                     x 10 epochs 0.836 (64 s), x 20 epochs 0.996; the default 8000 x 10: 1.000
+                     (111 s)
     random           a uniformly random wrong number in [0, 2 * max_operand]
     wrong_operation  the product a * b instead of the sum (a + b + 1 where they coincide); easy
 
@@ -55,7 +58,7 @@ class ModelSection:
 
 @dataclass
 class SyntheticSection:
-    train_pairs: int = setting(4000, "training pairs drawn from the task's training problems")
+    train_pairs: int = setting(8000, "training pairs drawn from the task's training problems")
     held_out_pairs: int = setting(500, "evaluation pairs on distinct held-out problems")
     max_operand: int = setting(99, "operands are integers in [0, max_operand]")
     held_out_percent: int = setting(15, "percent of all operand pairs reserved for evaluation only")
@@ -68,10 +71,10 @@ class SyntheticSection:
 class TrainSection:
     learning_rate: float = setting(1e-3, "AdamW learning rate, constant")
     batch_size: int = setting(32, "pairs per step")
-    epochs: float = setting(5.0, "passes over the training pairs")
+    epochs: float = setting(10.0, "passes over the training pairs")
     center_rewards_coefficient: float | None = setting(None, "weight of TRL's mean(r^2) penalty (None: off)")
     logging_steps: int = setting(50, "log loss and batch accuracy every N steps")
-    threads: int = setting(2, "torch CPU threads")
+    threads: int = setting(1, "torch CPU threads (tiny models: one thread beats two contended ones)")
 
 
 @dataclass
@@ -147,19 +150,44 @@ def read_pairs(path: Path) -> list[dict]:
     return rows
 
 
-def file_pairs(cfg: RewardModelRecipe) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs from `data` and `eval_data` (or a seeded `eval_fraction` split)."""
-    rows = read_pairs(cfg.data)
-    if cfg.eval_data is not None:
-        return rows, read_pairs(cfg.eval_data)
-    if not 0 < cfg.eval_fraction < 1:
-        raise UserError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}; or give eval_data")
-    random.Random(cfg.seed).shuffle(rows)
-    n_eval = max(1, round(cfg.eval_fraction * len(rows)))
+def split_pairs(rows: list[dict], eval_fraction: float, seed: int, source: Path) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the last `eval_fraction` of the rows after a seeded shuffle is held out."""
+    if not 0 < eval_fraction < 1:
+        raise UserError(f"eval_fraction must be in (0, 1), got {eval_fraction}; or give eval_data")
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = max(1, round(eval_fraction * len(rows)))
     if n_eval >= len(rows):
-        raise UserError(f"{cfg.data}: {len(rows)} rows leave nothing to train on after holding out "
+        raise UserError(f"{source}: {len(rows)} rows leave nothing to train on after holding out "
                         f"{n_eval}; add rows or give eval_data")
     return rows[:-n_eval], rows[-n_eval:]
+
+
+def check_lengths(pairs: list[dict], tokenizer, max_positions: int, source: str) -> None:
+    """Every prompt + answer + EOS must fit the model (TRL would drop longer rows silently)."""
+    for index, row in enumerate(pairs):
+        for key in ("chosen", "rejected"):
+            n = len(tokenizer(row["prompt"] + row[key] + tokenizer.eos_token)["input_ids"])
+            if n > max_positions:
+                raise UserError(f"{source}: row {index} ('{key}') is {n} tokens, more than the model's "
+                                f"{max_positions}; shorten it or raise model.max_positions")
+
+
+def load_pairs(cfg: RewardModelRecipe, tokenizer, max_positions: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs: synthetic, or from `data` (+ `eval_data`), each row checked for length."""
+    if cfg.data is None:
+        train, held = synthetic_pairs(cfg)
+        sources = [(train, "synthetic train pairs"), (held, "synthetic held-out pairs")]
+    else:
+        rows = read_pairs(cfg.data)
+        check_lengths(rows, tokenizer, max_positions, str(cfg.data))  # row indices as in the file
+        if cfg.eval_data is None:
+            return split_pairs(rows, cfg.eval_fraction, cfg.seed, cfg.data)
+        train, held = rows, read_pairs(cfg.eval_data)
+        sources = [(held, str(cfg.eval_data))]
+    for pairs, source in sources:
+        check_lengths(pairs, tokenizer, max_positions, source)
+    return train, held
 
 
 # ----------------------------------------------------------------------------- model and training
@@ -180,16 +208,6 @@ def build_model_and_tokenizer(cfg: RewardModelRecipe):
     shape = ModelShape(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size,
                        m.max_positions)
     return build_reward_model(tokenizer, shape, seed=cfg.seed), tokenizer
-
-
-def check_lengths(pairs: list[dict], tokenizer, max_positions: int, source: str) -> None:
-    """Every prompt + answer + EOS must fit the model (TRL would drop longer rows silently)."""
-    for index, row in enumerate(pairs):
-        for key in ("chosen", "rejected"):
-            n = len(tokenizer(row["prompt"] + row[key] + tokenizer.eos_token)["input_ids"])
-            if n > max_positions:
-                raise UserError(f"{source}: row {index} ('{key}') is {n} tokens, more than the model's "
-                                f"{max_positions}; shorten it or raise model.max_positions")
 
 
 def train_model(cfg: RewardModelRecipe, model, tokenizer, train: list[dict], out_dir: Path) -> float:
@@ -247,11 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    train, held = file_pairs(cfg) if cfg.data is not None else synthetic_pairs(cfg)
     model, tokenizer = build_model_and_tokenizer(cfg)
-    for pairs, source in ((train, str(cfg.data or "synthetic train pairs")),
-                          (held, str(cfg.eval_data or cfg.data or "synthetic held-out pairs"))):
-        check_lengths(pairs, tokenizer, model.config.max_position_embeddings, source)
+    train, held = load_pairs(cfg, tokenizer, model.config.max_position_embeddings)
 
     train_s = train_model(cfg, model, tokenizer, train, out / "model")
     metrics = {"train_pairs": len(train), "train_s": train_s, **pairwise_accuracy(out / "model", held),

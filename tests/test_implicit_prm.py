@@ -129,7 +129,8 @@ def test_outcome_label_training_separates_correct_from_wrong_sums(make_tiny_mode
     """40 steps of the outcome loss on (correct sum, 1) / (product, 0) completions; held-out problems.
 
     Accuracy = fraction of held-out problems where r(correct) > r(wrong), r = beta * sum_t l_t.
-    Measured 0.94 for 200 held-out problems with seed 0; the test asks only for better than chance
+    Measured 0.89-0.945 for 200 held-out problems over seeds 0-4 (about 1 s of training); the test
+    asks only for better than chance
     (the lower end of the 95% Wilson interval above 0.5).
     """
     from recipes.train_reward_model import wrong_sum
