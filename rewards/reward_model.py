@@ -41,27 +41,12 @@ def build_reward_model(tokenizer, shape=None, seed: int = 0):
     Same architecture and tokenizer conventions as `rlpost.modeling.build_model`; `pad_token_id`
     is set so the model scores the last non-pad token of each row.
     """
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import Qwen2ForSequenceClassification
 
-    from rlpost.modeling import ModelShape
+    from rlpost.modeling import ModelShape, qwen2_config
 
-    shape = shape or ModelShape()
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=False,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        dtype="float32",
-    )
+    config = qwen2_config(tokenizer, shape or ModelShape(), tie_word_embeddings=False, num_labels=1)
     return Qwen2ForSequenceClassification(config)
 
 

@@ -41,13 +41,12 @@ def build_tokenizer():
     )
 
 
-def build_model(tokenizer, shape: ModelShape = ModelShape(), seed: int = 0):
-    """A freshly initialised float32 Qwen2 causal LM sized by `shape`."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def qwen2_config(tokenizer, shape: ModelShape, **extra):
+    """A float32 Qwen2 config sized by `shape` for the character tokenizer (head_dim must be >= 32 for
+    vLLM's CPU attention)."""
+    from transformers import Qwen2Config
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -55,13 +54,21 @@ def build_model(tokenizer, shape: ModelShape = ModelShape(), seed: int = 0):
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
         max_position_embeddings=shape.max_positions,
-        tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
         dtype="float32",
+        **extra,
     )
-    model = Qwen2ForCausalLM(config)
+
+
+def build_model(tokenizer, shape: ModelShape = ModelShape(), seed: int = 0):
+    """A freshly initialised float32 Qwen2 causal LM sized by `shape`, with tied embeddings."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(qwen2_config(tokenizer, shape, tie_word_embeddings=True))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
