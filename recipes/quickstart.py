@@ -64,7 +64,7 @@ class SFTSection:
     eval_every_epochs: int = setting(1, "validate every N epochs")
     patience: int = setting(3, "stop after N validations without improvement")
     min_epochs: int = setting(20, "never stop before this epoch (the first epochs are flat)")
-    threads: int = setting(2, "torch CPU threads for SFT")
+    threads: int = setting(1, "torch CPU threads for SFT (2 was slower on 2 cores: the model is too small)")
 
 
 @dataclass
