@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ class RLState:
     step: int = 0  # optimiser steps applied == policy version of the weights
     samples_trained: int = 0
     next_prompt_index: int = 0
+    staleness: dict = field(default_factory=dict)  # the staleness gate's counts, {"groups": ..., "samples": ...}
 
 
 def checkpoint_root(run_dir: Path) -> Path:

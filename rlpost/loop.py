@@ -24,7 +24,7 @@ from pathlib import Path
 from rlpost.checkpoint import RLState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlpost.learners.grpo import GRPOLearner, LearnerSettings
 from rlpost.report import JsonlLog, MetricsLog
-from rollouts.buffer import SampleBuffer
+from rollouts.buffer import SampleBuffer, StalenessCounts
 from rollouts.weight_sync import WeightPublisher
 from rollouts.worker import WorkerSpec, worker_main
 
@@ -159,6 +159,9 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     publisher = WeightPublisher(run_dir.name)
     link = WorkerLink(worker, capacity=(settings.max_staleness + 1) * settings.groups_per_step)
     buffer = SampleBuffer(link.samples, settings.max_staleness)
+    if state.staleness:  # counts continue across a resume
+        buffer.gate.groups = StalenessCounts(**state.staleness["groups"])
+        buffer.gate.samples = StalenessCounts(**state.staleness["samples"])
     figures = {"start_step": state.step}
     try:
         link.pump(block_for="ready", timeout_s=600)
@@ -179,13 +182,16 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             sent_at[version] = time.perf_counter()
             link.pump()
             state = RLState(version, state.samples_trained + sum(g.size for g in groups),
-                            groups[-1].prompt_index + 1)
+                            groups[-1].prompt_index + 1,
+                            {"groups": vars(buffer.gate.groups).copy(), "samples": vars(buffer.gate.samples).copy()})
             ledger.append({"step": version, "prompt_indices": [g.prompt_index for g in groups],
                            "policy_versions": [g.policy_version for g in groups],
                            "samples": sum(g.size for g in groups), "samples_trained": state.samples_trained})
             scalars.update(_drain_rollout_metrics(link, sent_at, buffer))
             now = time.perf_counter()
-            scalars.update({"learner/wait_s": waited, "sync/write_s": write_s,
+            rewards = [r for g in groups for r in g.rewards]
+            scalars.update({"train/reward_mean": sum(rewards) / len(rewards), "learner/wait_s": waited,
+                            "sync/write_s": write_s,
                             "learner/update_s": scalars["train/step_s"] + write_s,
                             "loop/step_wall_s": now - last_step_end,
                             "learner/samples_per_s": scalars["train/samples"] / max(1e-9, scalars["train/step_s"])})
@@ -199,7 +205,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             metrics.log(version, scalars)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(reward=f"{scalars.get('rollout/reward_mean', float('nan')):.2f}",
+                progress.set_postfix(reward=f"{scalars['train/reward_mean']:.2f}",
                                      acc=f"{scalars.get('eval/accuracy', float('nan')):.2f}")
             if version % settings.checkpoint_every == 0 or version == settings.max_steps:
                 save_checkpoint(run_dir, model, tokenizer, learner.optimizer, state)

@@ -59,13 +59,13 @@ def plot_training(metrics_path: Path, out_png: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     rows = JsonlLog(metrics_path).rows()
-    reward = [(r["step"], r["rollout/reward_mean"]) for r in rows if "rollout/reward_mean" in r]
+    reward = [(r["step"], r["train/reward_mean"]) for r in rows if "train/reward_mean" in r]
     acc = [(r["step"], r["eval/accuracy"], r["eval/accuracy_low"], r["eval/accuracy_high"])
            for r in rows if "eval/accuracy" in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if reward:
         steps, values = zip(*reward)
-        ax1.plot(steps, values, alpha=0.35, label="batch mean")
+        ax1.plot(steps, values, alpha=0.35, label="mean reward of the batch trained on")
         window = max(1, len(values) // 20)
         smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
                   for i in range(len(values))]

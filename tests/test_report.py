@@ -59,7 +59,7 @@ def test_resume_hides_steps_after_the_checkpoint(tmp_path):
 def test_plot_training_writes_a_png(tmp_path):
     log = JsonlLog(tmp_path / "metrics.jsonl")
     for step in range(1, 30):
-        log.append({"step": step, "rollout/reward_mean": step / 30})
+        log.append({"step": step, "train/reward_mean": step / 30})
         if step % 10 == 0:
             log.append({"step": step, "eval/accuracy": 0.5, "eval/accuracy_low": 0.4, "eval/accuracy_high": 0.6})
     out = plot_training(tmp_path / "metrics.jsonl", tmp_path / "training.png", "test run")

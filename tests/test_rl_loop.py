@@ -94,6 +94,8 @@ def test_sigkill_during_rl_resumes_without_gap_or_repeat(sft_run, tmp_path):
     assert steps_logged == sorted(set(steps_logged)), "metrics repeat a step after resume"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["samples_trained"] == 10 * 4 * 4
+    counted = summary["staleness"]  # the gate's counts continue across the resume
+    assert counted["fresh"] + counted["corrected"] == 10 * 4 * 4 and counted["dropped"] == 0
 
 
 def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
