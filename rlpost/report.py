@@ -112,7 +112,8 @@ def summarize_rl_run(run_dir: Path, sft: dict, rl: dict, timings: dict) -> dict:
             "intervals_overlap": None if sft_eval is None else not (
                 rl_eval["low"] > sft_eval["high"] or sft_eval["low"] > rl_eval["high"]),
         },
-        "sft": {k: sft[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run", "demonstration_accuracy")},
+        "sft": {**{k: sft[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run", "demonstration_accuracy")},
+                "stopped_on_plateau": sft.get("stopped_on_plateau")},
         "wall_s": {**timings, "rl_loop_s": rl.get("rl_wall_s")},
         "generation_tokens_per_s": _mean(rows, "rollout/tokens_per_s"),
         "learner_samples_per_s": _mean(rows, "learner/samples_per_s"),
@@ -139,6 +140,9 @@ def format_report(summary: dict) -> str:
         f"  SFT checkpoint  {acc(h['sft'])}",
         f"  RL policy       {acc(h['rl'])}",
         f"  gain            {fmt(h['gain_points'], '+.1f')} points; intervals overlap: {h['intervals_overlap']}",
+        f"SFT: best validation {100 * summary['sft']['best_val_accuracy']:.1f}% at epoch {summary['sft']['best_epoch']}"
+        f" of {summary['sft']['epochs_run']} (stopped on its plateau: {summary['sft']['stopped_on_plateau']}); "
+        f"demonstrations correct: {100 * summary['sft']['demonstration_accuracy']:.0f}%",
         "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in w.items() if v is not None),
         f"generation {fmt(summary['generation_tokens_per_s'], '.0f')} tokens/s; "
         f"learner {fmt(summary['learner_samples_per_s'], '.0f')} samples/s; "

@@ -78,7 +78,7 @@ def run_sft(model, tokenizer, demos: list[tuple[str, str]], validate, *, out_dir
     """Train `model` in place on `(prompt, completion)` demos; leave it holding the best-validation weights.
 
     `validate(model) -> float` returns validation accuracy. `cfg` carries `learning_rate`,
-    `batch_size`, `max_epochs`, `eval_every_epochs`, `patience`, `min_epochs`.
+    `batch_size`, `warmup_steps`, `max_epochs`, `eval_every_epochs`, `patience`, `min_epochs`.
     """
     from tqdm.auto import tqdm
     from trl import SFTConfig, SFTTrainer
@@ -88,7 +88,8 @@ def run_sft(model, tokenizer, demos: list[tuple[str, str]], validate, *, out_dir
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=cfg.warmup_steps,
         num_train_epochs=cfg.max_epochs,
         logging_steps=10**9,
         save_strategy="no",
