@@ -73,29 +73,31 @@ def test_async_mode_respects_the_bound_and_counts_exactly(sft_run, tmp_path):
 
 def test_sigkill_during_rl_resumes_without_gap_or_repeat(sft_run, tmp_path):
     copy_sft(sft_run, tmp_path)
-    cmd = quickstart_cmd(tmp_path, "rl.max_steps=10", "rl.checkpoint_every=3", "rl.max_staleness=1")
+    steps = 30
+    cmd = quickstart_cmd(tmp_path, f"rl.max_steps={steps}", "rl.checkpoint_every=3", "rl.max_staleness=1")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 400
-    ckpts = tmp_path / "checkpoints"
-    while time.monotonic() < deadline and not list(ckpts.glob("step-000003")):
+    ledger_path = tmp_path / "ledger.jsonl"
+    # kill once a step past the step-3 checkpoint is recorded: that step must be redone, not repeated
+    while time.monotonic() < deadline and not (
+            ledger_path.exists() and len(ledger_path.read_text().splitlines()) >= 4):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    time.sleep(1.0)  # let it get past the checkpoint, into steps that will be redone
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = len(ledger(tmp_path))
-    assert 3 <= killed_at < 10, f"kill landed at step {killed_at}; the test needs it mid-run"
+    assert 4 <= killed_at < steps, f"kill landed at step {killed_at}; the test needs it mid-run"
 
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
-    check_contiguous(ledger(tmp_path), 10, 4, 4)
+    check_contiguous(ledger(tmp_path), steps, 4, 4)
     steps_logged = [m["step"] for m in metrics(tmp_path)]
     assert steps_logged == sorted(set(steps_logged)), "metrics repeat a step after resume"
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 10 and summary["samples_trained"] == 10 * 4 * 4
+    assert summary["steps"] == steps and summary["samples_trained"] == steps * 4 * 4
     counted = summary["staleness"]  # the gate's counts continue across the resume
-    assert counted["fresh"] + counted["corrected"] == 10 * 4 * 4 and counted["dropped"] == 0
+    assert counted["fresh"] + counted["corrected"] == steps * 4 * 4 and counted["dropped"] == 0
 
 
 def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
