@@ -197,7 +197,7 @@ def build_model_and_tokenizer(cfg: RewardModelRecipe):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rewards.reward_model import build_reward_model
-    from rlpost.modeling import ModelShape, build_tokenizer
+    from rlpost.modeling import build_tokenizer
 
     if cfg.init_from is not None:
         tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
@@ -205,9 +205,11 @@ def build_model_and_tokenizer(cfg: RewardModelRecipe):
         return model, tokenizer
     m = cfg.model
     tokenizer = build_tokenizer()
-    shape = ModelShape(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size,
-                       m.max_positions)
-    return build_reward_model(tokenizer, shape, seed=cfg.seed), tokenizer
+    model = build_reward_model(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                               num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                               intermediate_size=m.intermediate_size, max_positions=m.max_positions,
+                               seed=cfg.seed)
+    return model, tokenizer
 
 
 def train_model(cfg: RewardModelRecipe, model, tokenizer, train: list[dict], out_dir: Path) -> float:

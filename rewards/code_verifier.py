@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from rewards.code_sandbox import run_untrusted
-from rlpost.errors import UserError
+from rewards.errors import UserError
 
 TIMEOUT_S = 6.0  # wall limit of one check (one sandbox run)
 PARALLEL_RUNS = max(1, os.cpu_count() or 1)  # sandbox runs at once inside code_tests_reward

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from rlpost.errors import UserError
+from rewards.errors import UserError
 
 TokenIds = Sequence[int] | torch.Tensor
 DEFAULT_BETA = 0.05  # PRIME's setting

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from rlpost.errors import UserError
+from rewards.errors import UserError
 
 TIMEOUT_SECONDS = 5
 _EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())

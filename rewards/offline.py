@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rewards.errors import UserError
 from rewards.pool import RESERVED_ARGS, RewardPool
 from rewards.registry import RewardSpec
-from rlpost.errors import UserError
 
 ROW_KEYS = ("prompt", "completion", "completion_ids")
 OUTPUT_KEY = "reward"

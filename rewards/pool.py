@@ -5,7 +5,8 @@ with the ``forkserver`` method (``spawn`` where that is missing): the host runs 
 and forking it is unsafe. Workers resolve functions by name or dotted path (see
 ``rewards.registry``), so a function must be importable. A call that hangs past its timeout has
 its worker killed and replaced; a worker that dies is replaced too. Each failure costs only that
-function's values for that call, which become ``None``, and is counted per function:
+function's values for that call (or, for a bad value, that one value), which become ``None``,
+and is counted per function:
 
     timeouts      no result within ``timeout_s`` (the worker is killed)
     exceptions    the function raised (``SystemExit`` included: the host never sees it)
@@ -16,12 +17,19 @@ function's values for that call, which become ``None``, and is counted per funct
 The first failure of each kind for each function is logged (logger ``rlpost.rewards``) with the
 function's name; later ones are only counted. Counters are cumulative over the pool's life.
 
-Combination of ``K`` functions with weights ``w_k`` for sample ``i``::
+Combination of ``K`` functions with weights ``w_k`` for sample ``i``, where ``r_ki`` is the
+value of function ``k`` (``None``: "not applicable", TRL's convention) and ``F_i`` is the set of
+functions that failed for sample ``i`` (any failure kind above)::
 
-    total_i = sum over k with r_ki not None of  w_k * r_ki
+    A_i     = {k : r_ki is not None}
+    total_i = None                            if F_i is not empty or A_i is empty  ("masked")
+              sum over k in A_i of w_k * r_ki  otherwise
 
-A sample where every function returned ``None`` gets ``total_i = 0.0`` and
-``applicable_i = False``, so the caller can drop or mask it.
+A masked sample has no reward and must not be trained on (a failure is not a score of 0, and
+a sum over the functions that happened to work would change the objective). ``None`` from one
+function while another gives a value is fine: that function does not apply to the sample.
+``RewardResult.masked`` counts the masked samples of a batch; ``stats()`` has the cumulative
+``reward/samples`` and ``reward/masked_samples``.
 """
 
 from __future__ import annotations
@@ -43,8 +51,8 @@ from typing import Any, Sequence
 import numpy as np
 import pebble
 
+from rewards.errors import UserError
 from rewards.registry import RewardSpec, resolve
-from rlpost.errors import UserError
 
 log = logging.getLogger("rlpost.rewards")
 
@@ -55,11 +63,22 @@ LATENCY_WINDOW = 10_000  # latency percentiles are over each function's most rec
 
 @dataclass
 class RewardResult:
-    """Scores for one batch: per function (None = not applicable or failed) and combined."""
+    """Scores for one batch: per function (None = not applicable or failed) and combined.
+
+    ``total[i]`` is the weighted sum, or None when sample ``i`` is masked (a function failed for
+    it, or none gave a value; see the module docstring). ``applicable[i]``: some function gave a
+    value; ``failed[i]``: some function failed for it.
+    """
 
     per_function: dict[str, list[float | None]]
-    total: list[float]
+    total: list[float | None]
     applicable: list[bool]
+    failed: list[bool]
+
+    @property
+    def masked(self) -> int:
+        """Number of samples whose total is None."""
+        return sum(t is None for t in self.total)
 
 
 @dataclass
@@ -69,7 +88,7 @@ class _Outcome:
     values: list[float | None] | None
     failure: str | None = None  # one of FAILURE_KINDS for a failed call
     detail: str = ""
-    n_nan: int = 0
+    nan_at: list[int] = field(default_factory=list)  # positions of NaN, inf or non-number values
     elapsed_s: float = 0.0
 
 
@@ -115,21 +134,21 @@ def _check_values(out: Any, n: int) -> _Outcome:
     if len(out) != n:
         return _Outcome(None, "wrong_length", f"returned {len(out)} values for {n} samples")
     values = [None if v is None else _clean_value(v) for v in out]
-    n_nan = sum(1 for raw, v in zip(out, values) if raw is not None and v is None)
-    example = next((raw for raw, v in zip(out, values) if raw is not None and v is None), None)
-    detail = f"returned {example!r} (NaN, inf or not a number)" if n_nan else ""
-    return _Outcome(values, None, detail, n_nan)
+    nan_at = [j for j, (raw, v) in enumerate(zip(out, values)) if raw is not None and v is None]
+    detail = f"returned {out[nan_at[0]]!r} (NaN, inf or not a number)" if nan_at else ""
+    return _Outcome(values, None, detail, nan_at)
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _call_in_worker(name: str, n: int, kwargs: dict[str, Any]) -> _Outcome:
-    """Runs inside a worker process: resolve, call (async functions via asyncio.run), validate."""
+def _call_in_worker(name: str, n: int, kwargs: dict[str, Any], args: dict[str, Any]) -> _Outcome:
+    """Runs inside a worker process: resolve, call with the batch and the recipe's `args` (async
+    functions via asyncio.run), validate."""
     start = time.perf_counter()
     try:
-        out = resolve(name)(**kwargs)
+        out = resolve(name)(**{**kwargs, **args})
         if asyncio.iscoroutine(out) or hasattr(out, "__await__"):
             out = asyncio.run(_await(out))
         outcome = _check_values(out, n)  # inside the try: len() or tolist() of garbage may raise
@@ -194,6 +213,8 @@ class RewardPool:
         self.start_timeout_s = start_timeout_s
         self.close_timeout_s = close_timeout_s
         self._stats = {name: _FunctionStats() for name in names}
+        self._samples = 0
+        self._masked = 0
         self._logged: set[tuple[str, str]] = set()
         self._pool: pebble.ProcessPool | None = None
 
@@ -236,9 +257,13 @@ class RewardPool:
         columns = dict(columns or {})
         self._check_batch(n, prompts, completion_ids, columns)
         per_function: dict[str, list[float | None]] = {s.name: [None] * n for s in self.specs}
+        failed = [False] * n
         if n:
-            self._run_calls(n, prompts, completions, completion_ids, columns, per_function)
-        return self._combine(n, per_function)
+            self._run_calls(n, prompts, completions, completion_ids, columns, per_function, failed)
+        result = self._combine(per_function, failed)
+        self._samples += n
+        self._masked += result.masked
+        return result
 
     @staticmethod
     def _check_batch(n: int, prompts: Sequence[Any], completion_ids: Sequence[Any] | None,
@@ -255,7 +280,9 @@ class RewardPool:
 
     def _run_calls(self, n: int, prompts: Sequence[Any], completions: Sequence[Any],
                    completion_ids: Sequence[Any] | None, columns: dict[str, Sequence[Any]],
-                   per_function: dict[str, list[float | None]]) -> None:
+                   per_function: dict[str, list[float | None]], failed: list[bool]) -> None:
+        """Run every (function, chunk) call; fill ``per_function`` and flag in ``failed`` each
+        sample that lost a value to a failed call or a bad value."""
         chunks = _chunks(n, self.chunk_size or math.ceil(n / self.workers))
         calls = []
         for lo, hi in chunks:
@@ -268,16 +295,20 @@ class RewardPool:
         for spec, lo, hi, future in calls:
             outcome = self._collect(spec, future, deadline)
             self._account(spec.name, outcome)
-            if outcome.values is not None:
+            if outcome.values is None:
+                failed[lo:hi] = [True] * (hi - lo)
+            else:
                 per_function[spec.name][lo:hi] = outcome.values
+                for j in outcome.nan_at:
+                    failed[lo + j] = True
 
     def _schedule(self, spec: RewardSpec, n: int, kwargs: dict[str, Any]) -> pebble.ProcessFuture:
         try:
             pool = self._ensure_pool()
-            return pool.schedule(_call_in_worker, args=(spec.name, n, kwargs), timeout=spec.timeout_s)
+            return pool.schedule(_call_in_worker, args=(spec.name, n, kwargs, spec.args), timeout=spec.timeout_s)
         except RuntimeError:  # the pool broke between the check and the call: rebuild once
             self.close()
-            return self._ensure_pool().schedule(_call_in_worker, args=(spec.name, n, kwargs),
+            return self._ensure_pool().schedule(_call_in_worker, args=(spec.name, n, kwargs, spec.args),
                                                 timeout=spec.timeout_s)
 
     def _deadline(self, n_calls: int) -> float:
@@ -310,8 +341,8 @@ class RewardPool:
             stats.latencies.append(outcome.elapsed_s)
         if outcome.failure is not None:
             self._record(name, outcome.failure, 1, outcome.detail)
-        if outcome.n_nan:
-            self._record(name, "nan", outcome.n_nan, outcome.detail)
+        if outcome.nan_at:
+            self._record(name, "nan", len(outcome.nan_at), outcome.detail)
 
     def _record(self, name: str, kind: str, count: int, detail: str) -> None:
         self._stats[name].counts[kind] += count
@@ -321,25 +352,28 @@ class RewardPool:
         log.warning("reward function %r failed (%s): %s\n(later %s of %r are counted in "
                     "reward/%s/%s, not logged)", name, kind, detail, kind, name, _tag(name), kind)
 
-    def _combine(self, n: int, per_function: dict[str, list[float | None]]) -> RewardResult:
-        total = [0.0] * n
-        applicable = [False] * n
-        for spec in self.specs:
-            for i, value in enumerate(per_function[spec.name]):
-                if value is not None:
-                    total[i] += spec.weight * value
-                    applicable[i] = True
-        return RewardResult(per_function, total, applicable)
+    def _combine(self, per_function: dict[str, list[float | None]], failed: list[bool]) -> RewardResult:
+        """The weighted totals, None for masked samples (see the module docstring)."""
+        total: list[float | None] = []
+        applicable = []
+        for i, sample_failed in enumerate(failed):
+            values = [(spec.weight, per_function[spec.name][i]) for spec in self.specs]
+            given = [w * v for w, v in values if v is not None]
+            applicable.append(bool(given))
+            total.append(None if sample_failed or not given else sum(given))
+        return RewardResult(per_function, total, applicable, list(failed))
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per function: ``calls`` and one counter per failure kind (cumulative)."""
         return {name: {"calls": s.calls, **s.counts} for name, s in self._stats.items()}
 
     def stats(self) -> dict[str, float]:
-        """Flat metrics for TensorBoard: ``reward/<tag>/<counter>`` and ``reward/<tag>/latency_<p>_s``
-        (p50, p90, p99, max) where the tag is the name with characters other than letters,
-        digits, ``_.-`` replaced by ``_``; counters are cumulative."""
-        out: dict[str, float] = {}
+        """Flat metrics for TensorBoard: ``reward/samples`` and ``reward/masked_samples`` (samples
+        scored, and those whose total is None), ``reward/<tag>/<counter>`` and
+        ``reward/<tag>/latency_<p>_s`` (p50, p90, p99, max) where the tag is the name with
+        characters other than letters, digits, ``_.-`` replaced by ``_``; counters are cumulative."""
+        out: dict[str, float] = {"reward/samples": float(self._samples),
+                                 "reward/masked_samples": float(self._masked)}
         for name, s in self._stats.items():
             tag = _tag(name)
             out[f"reward/{tag}/calls"] = float(s.calls)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rlpost.errors import UserError
+from rewards.errors import UserError
 
 REGISTRY: dict[str, str] = {
     "math_accuracy": "rewards.math_verifier:math_accuracy_reward",
@@ -28,7 +28,7 @@ REGISTRY: dict[str, str] = {
     "ifeval_loose": "rewards.ifeval:ifeval_loose_reward",
     "format_tags": "rewards.shaping:format_tags_reward",
     "overlong_penalty": "rewards.shaping:overlong_penalty_reward",
-    "arithmetic_exact": "rlpost.tasks.arithmetic:exact_match_reward",
+    "arithmetic_exact": "rewards.arithmetic:exact_match_reward",
     "reward_model": "rewards.reward_model:reward_model_reward",
 }
 
@@ -106,11 +106,13 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """One reward function in a recipe: its name (or dotted path), weight and per-call timeout."""
+    """One reward function in a recipe: its name (or dotted path), weight, per-call timeout, and the
+    keyword arguments `args` it is called with on top of the batch (e.g. a reward model's `path`)."""
 
     name: str
     weight: float = 1.0
     timeout_s: float = 10.0
+    args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -122,9 +124,15 @@ class RewardSpec:
                 f"reward {self.name!r}: timeout_s must be a positive number of seconds, "
                 f"got {self.timeout_s!r}"
             )
+        if not isinstance(self.args, dict) or not all(isinstance(k, str) for k in self.args):
+            raise UserError(f"reward {self.name!r}: args must be a mapping of keyword names to values, "
+                            f"got {self.args!r}")
+        reserved = sorted(set(self.args) & {"prompts", "completions", "completion_ids"})
+        if reserved:
+            raise UserError(f"reward {self.name!r}: args may not set {reserved[0]!r}, which every call passes")
 
 
-_SPEC_KEYS = ("name", "weight", "timeout_s")
+_SPEC_KEYS = ("name", "weight", "timeout_s", "args")
 
 
 def _spec_from_entry(entry: Any) -> RewardSpec:
@@ -145,7 +153,7 @@ def _spec_from_entry(entry: Any) -> RewardSpec:
 def parse_reward_specs(value: Any) -> list[RewardSpec]:
     """Turn a recipe's ``rewards`` value into RewardSpecs.
 
-    Accepts a list whose entries are names/dotted paths or mappings ``{name, weight, timeout_s}``
+    Accepts a list whose entries are names/dotted paths or mappings ``{name, weight, timeout_s, args}``
     (a single name is accepted too). Raises UserError naming the bad entry, e.g.
     ``rewards[1] ({'name': 'x', 'weight': 'high'}): reward 'x': weight must be a finite number``.
     """

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlpost.errors import UserError
+from rewards.errors import UserError
 
 ENV_VAR = "RLPOST_REWARD_MODEL"
 THREADS_ENV_VAR = "RLPOST_REWARD_MODEL_THREADS"
@@ -35,18 +35,33 @@ THREADS_ENV_VAR = "RLPOST_REWARD_MODEL_THREADS"
 _SCORERS: dict[tuple[str, int, int | None], "RewardModelScorer"] = {}
 
 
-def build_reward_model(tokenizer, shape=None, seed: int = 0):
-    """A freshly initialised float32 `Qwen2ForSequenceClassification` (`num_labels=1`) sized by `shape`.
+def build_reward_model(tokenizer, *, hidden_size: int = 192, num_layers: int = 4, num_heads: int = 6,
+                       num_kv_heads: int = 2, intermediate_size: int = 512, max_positions: int = 64,
+                       seed: int = 0):
+    """A freshly initialised float32 `Qwen2ForSequenceClassification` (`num_labels=1`) of the given size.
 
-    Same architecture and tokenizer conventions as `rlpost.modeling.build_model`; `pad_token_id`
-    is set so the model scores the last non-pad token of each row.
+    The sizes are those of `rlpost.modeling.ModelShape` (pass `**dataclasses.asdict(shape)`); the
+    vocabulary, pad and EOS ids come from `tokenizer`, with EOS doubling as BOS. `pad_token_id` is
+    set so the model scores the last non-pad token of each row; the head is not tied to the embeddings.
     """
-    from transformers import Qwen2ForSequenceClassification
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    from rlpost.modeling import ModelShape, qwen2_config
-
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        dtype="float32",
+        tie_word_embeddings=False,
+        num_labels=1,
+    )
     torch.manual_seed(seed)
-    config = qwen2_config(tokenizer, shape or ModelShape(), tie_word_embeddings=False, num_labels=1)
     return Qwen2ForSequenceClassification(config)
 
 
@@ -171,16 +186,17 @@ def _model_dir_from(reward_model_dir: Any) -> str:
                     f"{ENV_VAR} or pass reward_model_dir")
 
 
-def reward_model_reward(prompts, completions, completion_ids=None, reward_model_dir=None,
+def reward_model_reward(prompts, completions, completion_ids=None, reward_model_dir=None, path=None,
                         **kwargs) -> list[float | None]:
-    """Score of a trained reward model (directory from RLPOST_REWARD_MODEL or reward_model_dir).
+    """Score of a trained reward model (directory: the recipe's `args: {path: DIR}`, else a
+    `reward_model_dir` column, else RLPOST_REWARD_MODEL).
 
     `completion_ids` is ignored: the reward model re-tokenises the text with its own tokenizer,
     which need not be the policy's. The scorer is cached per process; it uses
     `RLPOST_REWARD_MODEL_THREADS` torch threads (default 1: pool workers run side by side).
     """
     threads = int(os.environ.get(THREADS_ENV_VAR, "1"))
-    return get_scorer(_model_dir_from(reward_model_dir), threads=threads).score(prompts, completions)
+    return get_scorer(str(path) if path else _model_dir_from(reward_model_dir), threads=threads).score(prompts, completions)
 
 
 def make_reward_model_reward(model_dir: str | Path, batch_size: int = 64,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from rewards.errors import UserError
 from rewards.math_verifier import completion_text
-from rlpost.errors import UserError
 
 RewardFn = Callable[..., list[float | None]]
 DEFAULT_TAGS = ("think", "answer")

@@ -1,7 +1,9 @@
-"""Errors a user can cause and fix: the CLI prints them as one line and exits with code 2."""
+"""Errors a user can cause and fix: the CLI prints them as one line and exits with code 2.
 
+`UserError` is defined in `rewards.errors` (the reward package imports nothing from rlpost) and
+re-exported here, so `except UserError` catches errors raised by rewards and by rlpost alike.
+"""
 
-class UserError(Exception):
-    """A problem with the user's input (recipe, dataset, path, name), with a message saying what to do."""
+from rewards.errors import UserError
 
-    exit_code = 2
+__all__ = ["UserError"]

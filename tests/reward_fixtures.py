@@ -88,3 +88,8 @@ def hostile_object_reward(prompts, completions, completion_ids, **columns):
 
 
 NOT_CALLABLE = 42
+
+
+def scaled_length_reward(prompts, completions, completion_ids=None, scale=1.0, **kwargs):
+    """len(completion) * scale: a reward with a recipe argument."""
+    return [len(c) * scale for c in completions]

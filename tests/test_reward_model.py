@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def one_thread():
 def rm_dir(tmp_path_factory) -> Path:
     """A saved, randomly initialised tiny reward model (its scores are arbitrary but fixed)."""
     tokenizer = build_tokenizer()
-    model = build_reward_model(tokenizer, SHAPE, seed=3)
+    model = build_reward_model(tokenizer, **asdict(SHAPE), seed=3)
     directory = tmp_path_factory.mktemp("rm")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -58,7 +59,7 @@ def head_on_last_token(model_dir: Path, text: str) -> float:
 
 def test_builder_makes_a_scalar_head_with_pad_id():
     tokenizer = build_tokenizer()
-    model = build_reward_model(tokenizer, SHAPE, seed=0)
+    model = build_reward_model(tokenizer, **asdict(SHAPE), seed=0)
     assert model.config.num_labels == 1
     assert model.config.pad_token_id == tokenizer.pad_token_id
     logits = model(**tokenizer(["1+2=3", "4+5=9"], return_tensors="pt")).logits

@@ -1,4 +1,5 @@
-"""Tests for the isolated reward pool: hostile functions are contained, counted and logged once."""
+"""Tests for the isolated reward pool: hostile functions are contained, counted and logged once,
+and a sample that lost a value to a failure is masked (total None), never scored 0."""
 
 from __future__ import annotations
 
@@ -65,16 +66,37 @@ def test_good_async_and_column_functions_with_weights(make_pool):
     # total = 2 * len + 0.25 * 2 * len - match  ->  2.5 - 1, 5.0 - 0, 7.5 - 1
     assert result.total == pytest.approx([1.5, 5.0, 6.5])
     assert result.applicable == [True, True, True]
+    assert result.failed == [False, False, False] and result.masked == 0
     assert pool.counts()[GOOD] == {"calls": 2, "timeouts": 0, "exceptions": 0, "crashes": 0,
                                    "wrong_length": 0, "nan": 0}
 
 
-def test_all_none_sample_gets_zero_and_is_flagged(make_pool):
+def test_all_none_sample_is_masked(make_pool):
     pool = make_pool(RewardSpec(f"{FX}:odd_only_reward", weight=0.5), workers=1)
     result = pool.score(["p", "p", "p"], ["a", "bb", "ccc"])
     assert result.per_function[f"{FX}:odd_only_reward"] == [10.0, None, 10.0]
-    assert result.total == [5.0, 0.0, 5.0]
+    assert result.total == [5.0, None, 5.0]  # no function applies to "bb": no reward, not 0
     assert result.applicable == [True, False, True]
+    assert result.failed == [False, False, False] and result.masked == 1
+    assert pool.stats()["reward/samples"] == 3.0 and pool.stats()["reward/masked_samples"] == 1.0
+
+
+def test_none_beside_a_value_is_not_applicable_not_masked(make_pool):
+    odd = f"{FX}:odd_only_reward"
+    pool = make_pool(RewardSpec(GOOD), RewardSpec(odd, weight=0.5), workers=1)
+    result = pool.score(["p", "p", "p"], ["a", "bb", "ccc"])
+    # total = len + 0.5 * 10 where odd_only applies (odd lengths), len alone where it returns None
+    assert result.total == [6.0, 2.0, 8.0]
+    assert result.masked == 0 and result.failed == [False, False, False]
+
+
+def test_a_failed_function_masks_its_samples_instead_of_scoring_zero(make_pool):
+    bad = f"{FX}:raising_reward"
+    pool = make_pool(RewardSpec(bad), workers=1)
+    result = pool.score(["p", "p"], ["a", "bb"])
+    assert result.per_function[bad] == [None, None]
+    assert result.total == [None, None] and result.masked == 2
+    assert result.failed == [True, True] and result.applicable == [False, False]
 
 
 HOSTILE = [
@@ -97,12 +119,16 @@ def test_hostile_function_is_contained_and_counted(make_pool, fixture, kind):
         result = pool.score(PROMPTS, COMPLETIONS)
         assert result.per_function[GOOD] == [float(len(c)) for c in COMPLETIONS]
         assert result.per_function[bad] == [None] * len(COMPLETIONS)
-        assert result.total == [float(len(c)) for c in COMPLETIONS]
+        # the bad function's values are lost: masked, not the sum of the functions that worked
+        assert result.total == [None] * len(COMPLETIONS)
+        assert result.failed == [True] * len(COMPLETIONS) and result.masked == len(COMPLETIONS)
+        assert result.applicable == [True] * len(COMPLETIONS)
     counts = pool.counts()
     zeros = {k: 0 for k in counts[GOOD] if k != "calls"}
     assert counts[bad] == {"calls": 2, **zeros, kind: 2}
     assert counts[GOOD]["calls"] == 2 and sum(counts[GOOD].values()) == 2
     assert pool.stats()[f"reward/{FX}_{fixture}/{kind}"] == 2.0
+    assert pool.stats()["reward/masked_samples"] == pool.stats()["reward/samples"] == 2.0 * len(COMPLETIONS)
 
 
 def test_garbage_values_become_none_one_by_one(make_pool):
@@ -111,7 +137,9 @@ def test_garbage_values_become_none_one_by_one(make_pool):
     result = pool.score(PROMPTS, COMPLETIONS)
     # cycle: nan, 5.0, inf, '1.0', None, -inf, 7 -> four bad values, one genuine None
     assert result.per_function[bad] == [None, 5.0, None, None, None, None, 7.0]
-    assert result.total == [0.0, 10.0, 0.0, 0.0, 0.0, 0.0, 14.0]
+    assert result.failed == [True, False, True, True, False, True, False]
+    assert result.total == [None, 10.0, None, None, None, None, 14.0]  # the None applies to nothing
+    assert result.masked == 5
     assert pool.counts()[bad]["nan"] == 4
     pool.score(PROMPTS, COMPLETIONS)
     assert pool.counts()[bad]["nan"] == 8
@@ -122,6 +150,8 @@ def test_a_hang_costs_only_its_chunk(make_pool):
     pool = make_pool(RewardSpec(bad, timeout_s=1.0), workers=2, chunk_size=2)
     result = pool.score(["p"] * 5, ["a", "b", "HANG", "c", "d"])
     assert result.per_function[bad] == [1.0, 1.0, None, None, 1.0]
+    assert result.total == [1.0, 1.0, None, None, 1.0]
+    assert result.failed == [False, False, True, True, False] and result.masked == 2
     assert pool.counts()[bad]["timeouts"] == 1 and pool.counts()[bad]["calls"] == 3
 
 
@@ -145,6 +175,7 @@ def test_stats_are_flat_floats(make_pool):
     stats = pool.stats()
     prefix = f"reward/{FX}_length_reward"
     assert stats[f"{prefix}/calls"] == 1.0 and stats[f"{prefix}/timeouts"] == 0.0
+    assert stats["reward/samples"] == float(len(COMPLETIONS)) and stats["reward/masked_samples"] == 0.0
     assert 0.0 <= stats[f"{prefix}/latency_p50_s"] <= stats[f"{prefix}/latency_max_s"] < 1.0
     assert all(isinstance(v, float) for v in stats.values())
 
@@ -163,7 +194,8 @@ def test_bad_batches_and_arguments():
         pool.score(["p", "p"], ["a", "b"], None, {"answer": ["x"]})
     with pytest.raises(ValueError, match="clashes"):
         pool.score(["p"], ["a"], None, {"completions": ["x"]})
-    assert pool.score([], []).total == []
+    empty = pool.score([], [])
+    assert empty.total == [] and empty.masked == 0
     with pytest.raises(UserError, match="unique"):
         RewardPool([RewardSpec(GOOD), RewardSpec(GOOD)])
     with pytest.raises(UserError, match="at least one"):
@@ -173,7 +205,7 @@ def test_bad_batches_and_arguments():
 def test_close_with_a_call_in_flight_is_quick(make_pool):
     pool = make_pool(RewardSpec(GOOD), workers=1)
     future = pool._pool.schedule(_call_in_worker, args=(f"{FX}:sleep_forever_reward", 1, {
-        "prompts": ["p"], "completions": ["a"], "completion_ids": None}))
+        "prompts": ["p"], "completions": ["a"], "completion_ids": None}, {}))
     time.sleep(0.5)
     assert future.running()
     start = time.monotonic()
@@ -181,3 +213,14 @@ def test_close_with_a_call_in_flight_is_quick(make_pool):
     assert time.monotonic() - start < 5.0
     assert not [p for p in multiprocessing.active_children() if p.name == "pebble_pool_worker"]
     pool.close()  # closing twice is harmless
+
+
+def test_recipe_args_reach_the_function(make_pool):
+    """`args` from the recipe are passed as keywords on top of the batch (e.g. a reward model's path)."""
+    pool = make_pool(RewardSpec(f"{FX}:scaled_length_reward", args={"scale": 3.0}), workers=1)
+    assert pool.score(["p", "p"], ["ab", "abcd"]).total == [6.0, 12.0]
+
+
+def test_args_may_not_override_the_batch():
+    with pytest.raises(UserError, match="may not set 'completions'"):
+        RewardSpec(GOOD, args={"completions": []})

@@ -2,7 +2,9 @@
 
 Prompts are a pure function of `(seed, index)`, so a stream of prompts can be resumed at any index
 without repeating or skipping one. Held-out prompts are the pairs whose hash falls into a fixed
-slice of the space; training prompts and demonstrations never use them.
+slice of the space; training prompts and demonstrations never use them. The checker,
+`score_answer` and the reward `exact_match_reward`, lives in `rewards.arithmetic` and is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+
+from rewards.arithmetic import exact_match_reward, score_answer
+
+__all__ = ["AdditionTask", "Problem", "written_sum", "score_answer", "exact_match_reward"]
 
 
 @dataclass(frozen=True)
@@ -103,18 +109,3 @@ class AdditionTask:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_train_pairs", self._pairs(held_out=False))
         object.__setattr__(self, "_held_out_pairs", self._pairs(held_out=True))
-
-
-def score_answer(completion: str, answer: str) -> float:
-    """1.0 if the completion, stripped of whitespace, is exactly the answer; else 0.0.
-
-    The one checker for this task: the RL reward and the held-out evaluation both call it.
-    """
-    return 1.0 if completion.strip() == answer.strip() else 0.0
-
-
-def exact_match_reward(prompts, completions, completion_ids=None, answer=None, **kwargs) -> list[float | None]:
-    """Addition task: 1 if the completion is exactly the sum, else 0 (needs an `answer` column)."""
-    if answer is None:
-        return [None] * len(completions)
-    return [score_answer(c, a) for c, a in zip(completions, answer, strict=True)]
