@@ -1,10 +1,12 @@
 """IFEval checkers: one complying and one violating response per instruction type, loose vs
-strict, the 541 benchmark rows' kwargs, errors, and the TRL reward functions."""
+strict, NLTK's measurements where a naive splitter differs, the 541 benchmark rows' kwargs,
+errors, and the TRL reward functions."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from pathlib import Path
+import re
 
 import pytest
 
@@ -16,10 +18,15 @@ from rewards.ifeval import (
     ifeval_strict_reward,
     loose_variants,
 )
-from rewards.ifeval.text import count_sentences, count_words, split_sentences
+from rewards.ifeval.text import (
+    PUNKT_ENGLISH,
+    count_sentences,
+    count_words,
+    split_sentences,
+    word_tokenize,
+)
 from rlpost.errors import UserError
-
-DATA = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/ifeval/input_data.jsonl"
+from rlpost.evaluation.benchmarks import vendored_path
 
 EN = "The quick brown fox jumps over the lazy dog while the farmer watches from the old barn"
 DE = "Der schnelle braune Fuchs springt über den faulen Hund, während der Bauer aus der Scheune zusieht"
@@ -46,6 +53,15 @@ CASES = [
      "Zig zag", False),
     ("keywords:letter_frequency", {"letter": "z", "let_frequency": 3, "let_relation": "less than"},
      "Zig zag", True),
+    # Counter(response.lower()): capitals count too (a case-sensitive count of "a" here is 1)
+    ("keywords:letter_frequency", {"letter": "a", "let_frequency": 3, "let_relation": "at least"},
+     "AAa", True),
+    ("keywords:letter_frequency", {"letter": "A", "let_frequency": 3, "let_relation": "less than"},
+     "Banana", False),
+    # a non-letter is counted as given (the benchmark asks for 4 "#"; the reference draws a
+    # random letter instead)
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 4, "let_relation": "at least"},
+     "#a #b #c #d", True),
     ("language:response_language", {"language": "de"}, DE, True),
     ("language:response_language", {"language": "de"}, EN, False),
     ("language:response_language", {"language": "de"}, "12345 !!!", False),
@@ -55,6 +71,13 @@ CASES = [
      "One. Two? Three!", False),
     ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "at least"},
      "One. Two? Three!", True),
+    # "e.g." is not in Punkt's English abbreviations: 3 sentences (a splitter that knows it: 2)
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "at least"},
+     "We use tools, e.g. hammers. They work.", True),
+    # no break after "..." before "What" (seen capitalised mid-sentence, not a sentence
+    # starter): 2 sentences (a split at every "..." gives 3)
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"},
+     "Wait... What happened? Nothing.", True),
     ("length_constraints:number_paragraphs", {"num_paragraphs": 2},
      "First part.\n***\nSecond part.", True),
     ("length_constraints:number_paragraphs", {"num_paragraphs": 2},
@@ -75,6 +98,27 @@ CASES = [
     ("length_constraints:nth_paragraph_first_word",
      {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "elm"},
      "Trees are tall.\n\nElm is the best tree.", False),
+    # first word = first whitespace token, quotes lstripped, cut at the first of .,?!'"
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "Elm"},
+     "'Elm's bark,' she said.\n\nThe end.", True),
+    ("length_constraints:nth_paragraph_first_word",  # "elm-trees" (a \w+ word would be "elm")
+     {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "elm"},
+     "Elm-trees grow.\n\nThe end.", False),
+    ("length_constraints:nth_paragraph_first_word",  # "elm:" -- a colon is not cut
+     {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "elm"},
+     "Elm: the tree.\n\nThe end.", False),
+    # paragraphs are split at "\n\n" only: "\n \n" does not separate two
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "elm"},
+     "Trees.\n \nElm grows.\n\nThe end.", False),
+    # blank pieces are not counted but are indexed: piece 2 of "A\n\n\n\nElm..." is blank
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "elm"},
+     "Trees.\n\n\n\nElm grows.\n\nThe end.", False),
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "elm"},
+     "Trees.\n\n\nElm grows.\n\nThe end.", True),
     ("detectable_content:number_placeholders", {"num_placeholders": 2},
      "Dear [name], see you at [address].", True),
     ("detectable_content:number_placeholders", {"num_placeholders": 2},
@@ -121,6 +165,9 @@ CASES = [
      "This is VERY good work.", False),
     ("change_case:capital_word_frequency",
      {"capital_frequency": 2, "capital_relation": "less than"}, "This is VERY good work.", True),
+    # nltk.word_tokenize keeps "U.S." whole: 2 capital words (\w+ words: "U", "S", "UK" = 3)
+    ("change_case:capital_word_frequency",
+     {"capital_frequency": 3, "capital_relation": "less than"}, "The U.S. and the UK agree.", True),
     ("change_case:english_capital", {}, EN.upper(), True),
     ("change_case:english_capital", {}, EN, False),
     ("change_case:english_capital", {}, DE.upper(), False),
@@ -149,7 +196,7 @@ def test_table_covers_every_id_both_ways() -> None:
 
 
 def _rows() -> list[dict]:
-    with DATA.open(encoding="utf-8") as f:
+    with vendored_path("ifeval/input_data.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
@@ -197,6 +244,10 @@ def test_unknown_id_raises_user_error_naming_it() -> None:
         ("length_constraints:number_words", {"num_words": "3", "relation": "at least"}, "num_words"),
         ("punctuation:no_comma", {"keyword": "x"}, "keyword"),
         ("keywords:existence", {"keywords": "cat"}, "keywords"),
+        ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 1, "let_relation": "at least"},
+         "letter"),
+        ("keywords:letter_frequency", {"letter": " ", "let_frequency": 1, "let_relation": "at least"},
+         "letter"),
     ],
 )
 def test_bad_kwargs_raise_user_error(instruction_id: str, kwargs: dict, match: str) -> None:
@@ -224,6 +275,9 @@ def test_loose_variants_are_the_papers_eight() -> None:
         ("detectable_format:constrained_response", {}, "**My answer is yes**."),
         # JSON with a preamble and a closing remark
         ("detectable_format:json_format", {}, 'JSON:\n{"a": 1}\nHope this helps'),
+        # a bold first word is "**elm**" strictly; loose removes the stars
+        ("length_constraints:nth_paragraph_first_word",
+         {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "elm"}, "**Elm** grows.\n\nThe end."),
     ],
 )
 def test_loose_passes_where_strict_fails(instruction_id: str, kwargs: dict, response: str) -> None:
@@ -255,9 +309,75 @@ def test_mismatched_row_lengths_raise() -> None:
 
 def test_text_measurements_hand_counted() -> None:
     assert count_words("Don't stop-now, 42 times!") == 6  # don t stop now 42 times
+    # nltk.word_tokenize: Treebank splits the clitic and the punctuation, keeps the hyphenated word
+    assert word_tokenize("Don't stop-now, 42 times!") == ["Do", "n't", "stop-now", ",", "42", "times", "!"]
+    # Punkt: "Mr." is a known abbreviation, "3.50" one word; "?" ends a sentence even before
+    # lowercase "she"; the blank line ends none; "e.g." (not in the model) ends one
     sentences = split_sentences('Mr. Lee paid $3.50. "Why?" she asked!\n\nA heading\nNext e.g. this')
-    assert sentences == ["Mr. Lee paid $3.50.", '"Why?"', "she asked!", "A heading\nNext e.g. this"]
-    assert count_sentences("... !!! ") == 0
+    assert sentences == ["Mr. Lee paid $3.50.", '"Why?"', "she asked!", "A heading\nNext e.g.", "this"]
+    assert count_sentences("... !!! ") == 4  # "...", "!", "!", "!"
+    assert count_sentences(" \n ") == 0
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # "dr" is an abbreviation and "smith" not a sentence starter; "3.5" has no final period
+        ("Dr. Smith paid 3.5 dollars. He left.", ["Dr. Smith paid 3.5 dollars.", "He left."]),
+        # "u.s" is an abbreviation and lowercase "economy" follows
+        ("The U.S. economy grew. It was fast.", ["The U.S. economy grew.", "It was fast."]),
+        # "e.g" is not an abbreviation of the English model
+        ("We use tools, e.g. hammers. They work.", ["We use tools, e.g.", "hammers.", "They work."]),
+        # after "...": "What" is no sentence start (seen capitalised mid-sentence), "They" is one
+        ("Wait... What happened? Nothing.", ["Wait... What happened?", "Nothing."]),
+        ("Wait... They left.", ["Wait...", "They left."]),
+        # the closing quote stays with its sentence
+        ('He said "Stop." Then he left.', ['He said "Stop."', "Then he left."]),
+    ],
+)
+def test_sentences_are_punkts(text: str, expected: list[str]) -> None:
+    assert split_sentences(text) == expected
+
+
+def test_vendored_punkt_tables_match_their_sources_note() -> None:
+    sources = (PUNKT_ENGLISH.parents[1] / "SOURCES.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\S+) \| .* \| (\d+) \| ([0-9a-f]{64}) \|$", sources, flags=re.MULTILINE)
+    assert sorted(name for name, _, _ in rows) == sorted(p.name for p in PUNKT_ENGLISH.iterdir())
+    for name, entries, sha256 in rows:
+        data = (PUNKT_ENGLISH / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha256, name
+        assert data.count(b"\n") == int(entries), name
+
+
+def test_tokenizers_equal_nltks_with_the_vendored_model(tmp_path, monkeypatch) -> None:
+    """nltk.sent_tokenize / nltk.word_tokenize, given the vendored tables as their punkt_tab
+    data, split every response of the table exactly as ours do."""
+    nltk = pytest.importorskip("nltk")
+    model = tmp_path / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    for table in PUNKT_ENGLISH.iterdir():
+        (model / table.name).write_bytes(table.read_bytes())
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    cached = getattr(nltk.tokenize, "_get_punkt_tokenizer", None)  # NLTK caches the model it loads
+    clear = getattr(cached, "cache_clear", lambda: None)
+    clear()
+    try:
+        try:
+            nltk.sent_tokenize("Hello.")
+        except LookupError as exc:  # this NLTK version names the table files differently
+            pytest.skip(f"NLTK's punkt_tab reader wants other file names: {exc}")
+        for _, _, response, _ in CASES:
+            assert split_sentences(response) == nltk.sent_tokenize(response)
+            assert word_tokenize(response) == nltk.word_tokenize(response)
+    finally:
+        clear()
+
+
+def test_blank_response_follows_no_instruction() -> None:
+    assert not check_instruction("punctuation:no_comma", {}, " \n ", "")
+    result = check_response(["length_constraints:number_words"], [{"num_words": 5, "relation": "less than"}],
+                            "", "")
+    assert result.strict == [False] and result.loose == [False]
 
 
 def test_rewards_are_the_fraction_followed() -> None:

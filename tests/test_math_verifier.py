@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +17,14 @@ from rewards.math_verifier import (
     score_math,
 )
 from rlpost.errors import UserError
+from rlpost.evaluation.benchmarks import vendored_path
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/benchmarks/gsm8k/test.jsonl"
 
 
 @pytest.fixture(scope="module")
 def gsm8k_rows() -> list[dict]:
-    if not GSM8K_TEST.exists():
-        pytest.skip(f"GSM8K test set not found at {GSM8K_TEST}")
-    with GSM8K_TEST.open() as f:
+    """The GSM8K test set vendored in the package (its SHA-256 checked against SOURCES.md)."""
+    with vendored_path("gsm8k/test.jsonl").open(encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 

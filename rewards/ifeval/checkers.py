@@ -2,14 +2,16 @@
 
 Every checker is ``check(response, **kwargs) -> bool`` with the kwargs of the IFEval data.
 Comparisons: relation "at least" means ``count >= N``, "less than" means ``count < N``.
-Keyword and letter matching is case-insensitive. Where these rules tighten the reference
-implementation, the checker's docstring says so.
+Keyword and letter matching is case-insensitive. Words, sentences and tokens are measured as the
+reference implementation (google-research ``instruction_following_eval``) measures them, with
+NLTK (see ``text``). Where a rule departs from the reference, the checker's docstring says so.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,8 +47,14 @@ def forbidden_words(response: str, forbidden_words: list[str]) -> bool:
 
 
 def letter_frequency(response: str, letter: str, let_frequency: int, let_relation: str) -> bool:
-    """The letter's case-insensitive count compares to ``let_frequency``."""
-    return compare(response.lower().count(letter.lower()), let_relation, let_frequency)
+    """The letter's count in the lowercased response compares to ``let_frequency``.
+
+    As the reference: ``Counter(response.lower())[letter.lower()]``, so "Z" and "z" both count.
+    ``letter`` is one character (the verifier strips it and rejects anything longer). Departure:
+    the reference replaces a character that is not an ASCII letter (the benchmark asks for "#"
+    and "!") by a random letter; here that character itself is counted.
+    """
+    return compare(Counter(response.lower())[letter.lower()], let_relation, let_frequency)
 
 
 # --- language and case ------------------------------------------------------------------
@@ -66,19 +74,20 @@ def english_lowercase(response: str) -> bool:
 
 
 def capital_word_frequency(response: str, capital_frequency: int, capital_relation: str) -> bool:
-    """The number of all-capital words (hyphenated words count once) compares to the target."""
-    words = re.findall(r"\w+(?:-\w+)*", response)
-    return compare(sum(w.isupper() for w in words), capital_relation, capital_frequency)
+    """The number of ``nltk.word_tokenize`` tokens that are all capitals (``str.isupper``)
+    compares to the target, as the reference ("STATE-OF-THE-ART" and "U.S." are one token each)."""
+    capitals = sum(token.isupper() for token in text.word_tokenize(response))
+    return compare(capitals, capital_relation, capital_frequency)
 
 
 # --- length -----------------------------------------------------------------------------
 def number_sentences(response: str, num_sentences: int, relation: str) -> bool:
-    """The sentence count (``text.split_sentences``) compares to ``num_sentences``."""
+    """The number of Punkt sentences (``nltk.sent_tokenize``) compares to ``num_sentences``."""
     return compare(text.count_sentences(response), relation, num_sentences)
 
 
 def number_words(response: str, num_words: int, relation: str) -> bool:
-    """The word count (``\\w+`` runs) compares to ``num_words``."""
+    """The word count (``\\w+`` runs, the reference's ``RegexpTokenizer``) compares to ``num_words``."""
     return compare(text.count_words(response), relation, num_words)
 
 
@@ -91,13 +100,26 @@ def number_paragraphs(response: str, num_paragraphs: int) -> bool:
 def nth_paragraph_first_word(
     response: str, num_paragraphs: int, nth_paragraph: int, first_word: str
 ) -> bool:
-    """Exactly ``num_paragraphs`` blank-line-separated paragraphs; paragraph ``nth_paragraph``
-    (1-based) starts with ``first_word`` (case-insensitive, surrounding punctuation ignored)."""
-    paragraphs = [p.strip() for p in re.split(r"\n[^\S\n]*\n", response) if p.strip()]
-    if len(paragraphs) != num_paragraphs or not 1 <= nth_paragraph <= len(paragraphs):
+    """Exactly ``num_paragraphs`` paragraphs, and paragraph ``nth_paragraph`` (1-based) starts
+    with ``first_word`` (case-insensitive), by the reference's rules:
+
+    - paragraphs are the pieces of ``response.split("\\n\\n")``; blank pieces are not counted,
+      yet ``nth_paragraph`` indexes all pieces, and a blank nth piece fails;
+    - the first word is the paragraph's first whitespace-separated token with leading ``'``
+      then leading ``"`` removed, cut before its first character of ``.,?!'"``: ``"Elm,"``
+      gives "elm" and ``Elm's`` "elm", but ``Elm-trees`` stays "elm-trees" and ``**Elm**``
+      "**elm**".
+    """
+    paragraphs = response.split("\n\n")
+    count = sum(1 for p in paragraphs if p.strip())
+    if not 1 <= nth_paragraph <= count:
         return False
-    word = re.match(r"[\W_]*(\w+)", paragraphs[nth_paragraph - 1])
-    return word is not None and word.group(1).lower() == first_word.lower()
+    paragraph = paragraphs[nth_paragraph - 1].strip()
+    if not paragraph:
+        return False
+    word = paragraph.split()[0].lstrip("'").lstrip('"')
+    head = re.match(r"""[^.,?!'"]*""", word).group(0)
+    return count == num_paragraphs and "".join(c.lower() for c in head) == first_word.lower()
 
 
 # --- detectable content and format ------------------------------------------------------
@@ -184,7 +206,7 @@ def no_comma(response: str) -> bool:
 
 @dataclass(frozen=True)
 class Spec:
-    """A checker and the kwargs it takes: name -> "int", "str", "relation" or "str_list"."""
+    """A checker and the kwargs it takes: name -> "int", "str", "relation", "letter" or "str_list"."""
 
     check: Callable[..., bool]
     params: dict[str, str]
@@ -198,7 +220,7 @@ CHECKERS: dict[str, Spec] = {
     ),
     "keywords:forbidden_words": Spec(forbidden_words, {"forbidden_words": "str_list"}),
     "keywords:letter_frequency": Spec(
-        letter_frequency, {"letter": "str", "let_frequency": "int", "let_relation": "relation"}
+        letter_frequency, {"letter": "letter", "let_frequency": "int", "let_relation": "relation"}
     ),
     "language:response_language": Spec(response_language, {"language": "str"}),
     "length_constraints:number_sentences": Spec(

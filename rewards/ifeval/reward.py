@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rewards.errors import UserError
 from rewards.ifeval.verifier import IFEvalResult, check_response
-from rlpost.errors import UserError
 
 
 def _text(item: Any) -> str:

@@ -1,34 +1,62 @@
-"""Text measurements the IFEval checkers share: words, sentences, paragraphs, language.
+"""Text measurements the IFEval checkers share, taken as the reference implementation takes them.
 
-Definitions (written for this project; no NLTK, so nothing is downloaded at run time):
+The reference (google-research ``instruction_following_eval``) measures text with NLTK; so do
+these functions, with NLTK's pretrained English Punkt model read from the ``punkt_tab`` files
+vendored in ``data/punkt_tab/english/`` (origin in ``data/SOURCES.md``), so nothing is
+downloaded at run time.
 
-- word: a maximal run of word characters, regex ``\\w+`` ("don't" is two words, "e-mail" two).
-- sentence: text is cut at a run of ``.``, ``!`` or ``?`` (optionally followed by closing
-  quotes or brackets) that is followed by whitespace or the end, and at blank lines. A period
-  does not end a sentence after a common abbreviation ("Dr.", "e.g.", "etc.") or a single-letter
-  initial ("J."), and "3.5" is never cut because no whitespace follows the period. Pieces with
-  no letter or digit are not sentences.
+- word (``count_words``): a maximal run of word characters, regex ``\\w+`` -- the reference's
+  ``nltk.tokenize.RegexpTokenizer(r"\\w+")`` ("don't" is two words, "e-mail" two).
+- sentence (``split_sentences``): NLTK's Punkt sentence tokenizer with the English model, as
+  ``nltk.sent_tokenize``. A word-final period after a known abbreviation ("Dr.", "U.S.", but
+  not "e.g." or "etc.") or an ellipsis ends a sentence only if the model's orthographic
+  statistics say the next word starts one; any other word-final period ends one, except that
+  after an initial ("J."), a number ("1.") or in a known collocation the next word decides too;
+  "3.5" has no word-final period; "!" and "?" followed by a space or punctuation end one; line
+  breaks and blank lines end none.
+- token (``word_tokenize``): ``nltk.word_tokenize``: Punkt sentences, then NLTK's improved
+  Treebank word tokenizer on each ("don't" -> "do", "n't"; "U.S." and "STATE-OF-THE-ART" stay
+  whole; punctuation marks are tokens of their own).
 - language: ``langdetect`` with a fixed seed (its default is random), best guess only.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import defaultdict
+from pathlib import Path
 
 from langdetect import DetectorFactory, detect
 from langdetect.lang_detect_exception import LangDetectException
+from nltk.tokenize import NLTKWordTokenizer
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 DetectorFactory.seed = 0
 
+PUNKT_ENGLISH = Path(__file__).resolve().parent / "data" / "punkt_tab" / "english"
 _WORD = re.compile(r"\w+")
-_HAS_ALNUM = re.compile(r"[^\W_]")
-# A sentence end: terminator run, optional closing quotes/brackets, then whitespace or end.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st vs etc e.g i.e inc ltd co corp no fig approx dept est "
-    "jan feb mar apr jun jul aug sep sept oct nov dec u.s u.k a.m p.m ph.d".split()
-)
+_TREEBANK = NLTKWordTokenizer()
+
+
+def _lines(name: str) -> list[str]:
+    """Lines of a vendored Punkt table file, each without its newline (nothing else is stripped)."""
+    lines = (PUNKT_ENGLISH / name).read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+@functools.cache
+def punkt_english() -> PunktSentenceTokenizer:
+    """NLTK's Punkt sentence tokenizer with the English ``punkt_tab`` model (the one
+    ``nltk.sent_tokenize`` loads), built from the vendored tables."""
+    params = PunktParameters()
+    params.abbrev_types = set(_lines("abbrev_types.txt"))
+    params.sent_starters = set(_lines("sent_starters.txt"))
+    params.collocations = {tuple(line.split("\t")) for line in _lines("collocations.tab")}
+    params.ortho_context = defaultdict(
+        int, {typ: int(flags) for typ, flags in (line.split("\t") for line in _lines("ortho_context.tab"))}
+    )
+    return PunktSentenceTokenizer(params)
 
 
 def count_words(text: str) -> int:
@@ -36,40 +64,19 @@ def count_words(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def _ends_with_abbreviation(chunk: str) -> bool:
-    """True when the period closing ``chunk`` belongs to an abbreviation or an initial."""
-    tokens = chunk.rsplit(None, 1)
-    if not tokens:
-        return False
-    token = tokens[-1].lstrip("(\"'“‘[").lower()
-    if not token.endswith("."):
-        return False
-    stem = token[:-1]
-    return stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())
-
-
-def _split_block(block: str) -> list[str]:
-    """Sentences of one block of text that has no blank line in it."""
-    sentences, start = [], 0
-    for match in _SENTENCE_END.finditer(block):
-        piece = block[start : match.end()]
-        if match.group(0) == "." and _ends_with_abbreviation(piece):
-            continue
-        sentences.append(piece.strip())
-        start = match.end()
-    sentences.append(block[start:].strip())
-    return sentences
-
-
 def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (see the module docstring for the rules)."""
-    pieces = [s for block in _BLANK_LINE.split(text) for s in _split_block(block)]
-    return [s for s in pieces if _HAS_ALNUM.search(s)]
+    """Sentences of ``text`` by Punkt with the English model (``nltk.sent_tokenize(text)``)."""
+    return punkt_english().tokenize(text)
 
 
 def count_sentences(text: str) -> int:
-    """Number of sentences in ``text``."""
+    """Number of Punkt sentences in ``text``."""
     return len(split_sentences(text))
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Tokens of ``text`` as ``nltk.word_tokenize(text)`` gives them."""
+    return [token for sentence in split_sentences(text) for token in _TREEBANK.tokenize(sentence)]
 
 
 def split_paragraphs(text: str, divider: str) -> list[str] | None:

@@ -1,6 +1,7 @@
 """Checking one response against an IFEval prompt's instructions, strict and loose.
 
-Strict: the checker runs on the response as given.
+Strict: the checker runs on the response as given; a blank response follows no instruction
+(as in the reference, so an empty answer cannot pass "no commas" or "fewer than N words").
 Loose (IFEval paper, section 3): the checker runs on 8 variants of the response -- the
 response, it without its first line, without its last line, without both; each of those also
 with every ``*`` removed (markdown emphasis) -- and the instruction passes if it passes on any
@@ -15,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rewards.errors import UserError
 from rewards.ifeval.checkers import CHECKERS, RELATIONS
-from rlpost.errors import UserError
 
 SUPPORTED_IDS = frozenset(CHECKERS)
 
@@ -51,6 +52,11 @@ def _convert(instruction_id: str, name: str, kind: str, value: Any) -> Any:
         raise UserError(f"{where} must be a string, got {value!r}; fix the dataset row")
     if kind == "relation" and value not in RELATIONS:
         raise UserError(f"{where} must be one of {RELATIONS}, got {value!r}; fix the dataset row")
+    if kind == "letter":
+        letter = value.strip()
+        if len(letter) != 1:
+            raise UserError(f"{where} must be one character, got {value!r}; fix the dataset row")
+        return letter
     return value
 
 
@@ -84,7 +90,12 @@ def check_instruction(
 ) -> bool:
     """True when ``response`` follows the instruction (strict check)."""
     typed = normalize_kwargs(instruction_id, kwargs, prompt)
-    return CHECKERS[instruction_id].check(response, **typed)
+    return _check_strict(instruction_id, typed, response)
+
+
+def _check_strict(instruction_id: str, typed: dict, response: str) -> bool:
+    """True when ``response`` is not blank and passes the checker."""
+    return bool(response.strip()) and CHECKERS[instruction_id].check(response, **typed)
 
 
 def loose_variants(response: str) -> list[str]:
@@ -120,7 +131,7 @@ def check_response(
     strict, loose = [], []
     for instruction_id, kwargs in zip(instruction_id_list, kwargs_list):
         typed = normalize_kwargs(instruction_id, kwargs, prompt)
-        passed = CHECKERS[instruction_id].check(response, **typed)
+        passed = _check_strict(instruction_id, typed, response)
         strict.append(passed)
         loose.append(passed or _check_loose(instruction_id, typed, response))
     return IFEvalResult.from_lists(strict, loose)
