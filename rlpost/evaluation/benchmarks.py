@@ -1,7 +1,7 @@
 """Benchmarks as rows of prompts, references and verifier columns; built-in and user loaders.
 
 A benchmark row is a dict with at least
-  prompt     the text given to the model (before any chat template; see `format_prompt`),
+  prompt     the text given to the model (before any chat template; see `rlpost.prompting`),
   reference  a gold response that the verifier must accept (used by `--oracle`), or None when the
              benchmark has none (IFEval),
   verifier   the registered name of the reward function that scores the row,
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlpost.errors import UserError
+from rlpost.prompting import PromptFormat
 
 DATA_DIR = Path(__file__).parent / "data"
 MATH_VERIFIER = "math"
@@ -336,18 +337,6 @@ def load_user_dataset(
 
 
 def format_prompt(tokenizer: Any, text: str, use_chat_template: bool | None = None) -> str:
-    """The string to feed the model for a prompt.
-
-    use_chat_template=None: wrap `text` as one user turn with `tokenizer.apply_chat_template`
-    (generation prompt added) if the tokenizer has a chat template, else return `text`.
-    True: require a chat template (UserError if there is none). False: return `text` unchanged.
-    """
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template is False or (use_chat_template is None and not has_template):
-        return text
-    if not has_template:
-        raise UserError(
-            "use_chat_template is true but the tokenizer has no chat template; set it to false"
-        )
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The string to feed the model for a prompt: `PromptFormat(chat_template=use_chat_template)`
+    applied to the row {"prompt": text} (see `rlpost.prompting`)."""
+    return PromptFormat(chat_template=use_chat_template).text(tokenizer, {"prompt": text})

@@ -4,15 +4,17 @@
 benchmark and its options, rows, template, decoding, seed, library versions), the figures with
 95% intervals (`rlpost.evaluation.figures`), and one record per sample.
 
-Generation: prompts are formatted with `format_prompt` (the tokenizer's chat template when it has
-one, unless told otherwise) and tokenized with the model directory's tokenizer. Special tokens
-are added to raw prompts (as vLLM does for text prompts; the character tokenizer adds none) and
-not to templated ones (the template writes them). Greedy when temperature == 0. Randomness comes
-from the engine's seed (`EngineSettings.seed = seed`), not a per-request seed, so prompts do not
-share one random stream; reruns with the same settings should repeat the samples (vLLM does not
-promise this across hardware or batch layouts; greedy runs do not depend on it). Without a chat template, the
-completion is cut at the benchmark's stop strings (GSM8K: the next few-shot "Question:";
-HumanEval: Codex's top-level stops), which stands in for vLLM stop sequences.
+Generation: prompts are formatted and tokenized by `rlpost.prompting.PromptFormat` with the model
+directory's tokenizer: `use_chat_template` gives `PromptFormat(chat_template=use_chat_template)`
+(the tokenizer's chat template when it has one, unless told otherwise), and a `prompt_format` (a
+training recipe's) replaces it so that evaluation formats prompts exactly as training did. Special
+tokens are added to raw prompts (as vLLM does for text prompts; the character tokenizer adds none)
+and not to templated ones (the template writes them). Greedy when temperature == 0. Randomness
+comes from the engine's seed (`EngineSettings.seed = seed`), not a per-request seed, so prompts do
+not share one random stream; reruns with the same settings should repeat the samples (vLLM does not
+promise this across hardware or batch layouts; greedy runs do not depend on it). Without a chat
+template, the completion is cut at the benchmark's stop strings (GSM8K: the next few-shot
+"Question:"; HumanEval: Codex's top-level stops), which stands in for vLLM stop sequences.
 
 Oracle mode (`oracle=True`) scores each row's `reference` instead of generated text: a check
 that the benchmark's verifier accepts its own gold answers. No model is needed.
@@ -35,9 +37,10 @@ from typing import Any
 
 import rlpost.evaluation.addition  # noqa: F401  (registers the `addition` benchmark)
 from rlpost.errors import UserError
-from rlpost.evaluation.benchmarks import Benchmark, format_prompt, load_benchmark
+from rlpost.evaluation.benchmarks import Benchmark, load_benchmark
 from rlpost.evaluation.figures import summarize
 from rlpost.evaluation.scoring import VOTING_VERIFIERS, SampleScore, score_samples
+from rlpost.prompting import PromptFormat
 
 STOP_STRINGS = {
     "gsm8k": ("\nQuestion:",),
@@ -165,6 +168,16 @@ def _context_length(limit: int | None, ids: list[list[int]], max_tokens: int) ->
     return min(wanted, limit) if limit else wanted
 
 
+def prompt_format_of(use_chat_template: bool | None, prompt_format: PromptFormat | None) -> PromptFormat:
+    """The format prompts are given in: `prompt_format` if given, else one built from use_chat_template."""
+    if prompt_format is None:
+        return PromptFormat(chat_template=use_chat_template)
+    if use_chat_template is not None:
+        raise UserError("give use_chat_template or prompt_format, not both; "
+                        "set chat_template in the prompt format instead")
+    return prompt_format
+
+
 def _truncate(text: str, stops: tuple[str, ...]) -> str:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:cut]
@@ -172,17 +185,21 @@ def _truncate(text: str, stops: tuple[str, ...]) -> str:
 
 def generate(model_dir: Path, bench: Benchmark, *, n_samples: int, temperature: float, top_p: float,
              max_tokens: int, use_chat_template: bool | None, seed: int, dtype: str = "auto",
-             gpu_memory_utilization: float = 0.85) -> tuple[list[list[str]], list[list[dict]], dict]:
-    """Completions of every row (n_samples each), per-sample generation facts, and settings used."""
+             gpu_memory_utilization: float = 0.85, prompt_format: PromptFormat | None = None,
+             ) -> tuple[list[list[str]], list[list[dict]], dict]:
+    """Completions of every row (n_samples each), per-sample generation facts, and settings used.
+
+    Prompts: `prompt_format` if given (use_chat_template must then be None), else
+    `PromptFormat(chat_template=use_chat_template)`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     from rollouts.engine import EngineSettings, RolloutEngine
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    templated = use_chat_template is True or (use_chat_template is None and bool(tokenizer.chat_template))
-    texts = [format_prompt(tokenizer, row["prompt"], use_chat_template) for row in bench.rows]
-    ids = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+    prompt_format = prompt_format_of(use_chat_template, prompt_format)
+    templated = prompt_format.applies_chat_template(tokenizer)
+    ids = [prompt_format.token_ids(tokenizer, row) for row in bench.rows]
     limit, dtype = _model_config(model_dir, dtype)
     settings = EngineSettings(max_model_len=_context_length(limit, ids, max_tokens), dtype=dtype,
                               seed=seed, gpu_memory_utilization=gpu_memory_utilization)
@@ -239,14 +256,17 @@ def evaluate(
     dtype: str = "auto",
     gpu_memory_utilization: float = 0.85,
     confidence: float = 0.95,
+    prompt_format: PromptFormat | None = None,
 ) -> EvalResult:
     """Generate (or, with `oracle`, take the references), score, and summarise one benchmark.
 
     benchmark: a registered name (options from `benchmark_options`) or a loaded `Benchmark`.
     max_tokens None: the benchmark's default (`DEFAULT_MAX_TOKENS`, else 512).
+    prompt_format: how rows become prompts (e.g. the training recipe's); replaces use_chat_template.
     """
     started, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     _check_decoding(n_samples, temperature, top_p, max_tokens, oracle)
+    fmt = prompt_format_of(use_chat_template, prompt_format)
     options = dict(benchmark_options or {})
     bench = _load(benchmark, limit, num_fewshot, options)
     if not bench.rows:
@@ -261,8 +281,8 @@ def evaluate(
         model_dir = check_model_dir(model_dir)
         completions, facts, info = generate(
             model_dir, bench, n_samples=n_samples, temperature=temperature, top_p=top_p,
-            max_tokens=max_tokens, use_chat_template=use_chat_template, seed=seed, dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization)
+            max_tokens=max_tokens, use_chat_template=None, seed=seed, dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization, prompt_format=fmt)
     scores = score_samples(bench.rows, completions)
     verifiers = sorted({str(row.get("verifier")) for row in bench.rows})
     figures = summarize(scores, votable=set(verifiers) <= VOTING_VERIFIERS, confidence=confidence, seed=seed)
@@ -274,8 +294,9 @@ def evaluate(
         "limit": limit, "rows": len(bench.rows), "n_samples": n_samples, "num_fewshot": num_fewshot,
         "decoding": {"temperature": temperature, "greedy": temperature == 0, "top_p": top_p,
                      "max_tokens": max_tokens, "stop": info.pop("stop", [])},
-        "chat_template": {"requested": {None: "auto", True: "on", False: "off"}[use_chat_template],
+        "chat_template": {"requested": {None: "auto", True: "on", False: "off"}[fmt.chat_template],
                           "applied": info.pop("chat_template_applied", False)},
+        "prompt_format": {"template": fmt.template, "system_prompt": fmt.system_prompt},
         "add_special_tokens": info.pop("add_special_tokens", None),
         "seed": seed, "confidence": confidence, "engine": info,
         "finish_reasons": dict(Counter(s.get("finish_reason") for s in samples)) if facts else {},
