@@ -29,7 +29,7 @@ class RolloutGroup:
     completion_ids: list[list[int]]
     sampling_logprobs: list[list[float]]
     completions: list[str]
-    rewards: list[float]
+    rewards: list[float | None]  # None: the reward failed; the sample is masked out of the loss
     policy_version: int
     columns: dict[str, Any] = field(default_factory=dict)
 

@@ -4,11 +4,29 @@ The learner writes its weights as one safetensors file under `/dev/shm` (a RAM-b
 system where it exists, else the system temp dir); the rollout worker tells its running vLLM
 engine to reload from that directory (`RolloutEngine.reload_weights`). Each version gets its own
 directory; old ones are removed once newer ones exist.
+
+Leftovers. A run that is killed never calls `close()`, and its copies would hold RAM until reboot.
+Each publisher's root is named `rlpost-<tag>-pid<PID>-<random>` and holds an `owner.json` with the
+owning process's PID, its start time (field 22 of /proc/PID/stat, which tells a reused PID from the
+original process), the host and the PID namespace. On construction a publisher removes
+
+- every `rlpost-<tag>-...` root of its own tag whose owner is dead, and roots of its own tag in the
+  old unowned naming (`rlpost-<tag>-<random>`, written before owners were recorded);
+- roots of other tags only when their recorded owner is known to be dead: same host and PID
+  namespace, and /proc/PID is gone, a zombie, or a different process (other start time).
+
+A root whose owner is alive (another run with the same tag, or a second publisher of this process)
+or cannot be judged, or that belongs to another user, is kept.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -16,10 +34,109 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+log = logging.getLogger("rlpost.weight_sync")
+
+OWNER_FILE = "owner.json"
+_RANDOM = r"[a-z0-9_]+"  # tempfile.mkdtemp's random suffix alphabet
+_OWNED = re.compile(rf"^rlpost-(?P<tag>.+)-pid(?P<pid>\d+)-{_RANDOM}$")
+
+
+def shared_memory_base() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a live /proc entry, None when there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return fields[0], int(fields[19])
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def owner_record() -> dict:
+    """What identifies this process as the owner of a shared-memory root."""
+    stat = _proc_stat(os.getpid()) if Path("/proc/self/stat").exists() else None
+    return {"pid": os.getpid(), "start_time": stat[1] if stat else None, "host": socket.gethostname(),
+            "pid_namespace": _pid_namespace()}
+
+
+def owner_is_dead(owner: dict) -> bool:
+    """True only when the recorded owner process is certainly gone (see the module docstring)."""
+    if owner.get("host") != socket.gethostname() or owner.get("pid_namespace") != _pid_namespace():
+        return False  # another machine or container: its PIDs mean nothing here
+    if not Path("/proc/self/stat").exists():
+        return False  # no /proc: cannot tell a live process from a reused PID
+    try:
+        pid = int(owner["pid"])
+        stat = _proc_stat(pid)
+    except (KeyError, TypeError, ValueError, OSError, IndexError):
+        return False
+    if stat is None:
+        return True
+    state, start_time = stat
+    if state in ("Z", "X"):
+        return True
+    recorded = owner.get("start_time")
+    return recorded is not None and int(recorded) != start_time
+
+
+def _read_owner(root: Path, name_pid: int) -> dict:
+    try:
+        owner = json.loads((root / OWNER_FILE).read_text())
+        if isinstance(owner, dict) and int(owner.get("pid", -1)) == name_pid:
+            return owner
+    except (OSError, ValueError, TypeError):
+        pass
+    # killed before owner.json was written: the PID in the name, without a start time
+    return {"pid": name_pid, "start_time": None, "host": socket.gethostname(), "pid_namespace": _pid_namespace()}
+
+
+def remove_leftovers(tag: str, base: Path | None = None, keep: Path | None = None) -> list[Path]:
+    """Remove shared-memory roots left by dead runs (see the module docstring); returns those removed."""
+    base = shared_memory_base() if base is None else base
+    legacy = re.compile(rf"^rlpost-{re.escape(tag)}-{_RANDOM}$")
+    removed = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith("rlpost-") or entry == keep or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            if hasattr(os, "getuid") and entry.stat().st_uid != os.getuid():
+                continue  # another user's: not ours to judge (and /proc may hide their processes)
+        except OSError:
+            continue
+        owned = _OWNED.match(entry.name)
+        if owned:
+            stale = owner_is_dead(_read_owner(entry, int(owned["pid"])))
+        else:
+            stale = legacy.match(entry.name) is not None
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    if removed:
+        log.info("removed %d leftover weight copies under %s: %s", len(removed), base,
+                 ", ".join(p.name for p in removed))
+    return removed
+
 
 def shared_memory_root(tag: str) -> Path:
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix=f"rlpost-{tag}-", dir=base))
+    """A fresh root `rlpost-<tag>-pid<PID>-<random>` with this process recorded as its owner."""
+    root = Path(tempfile.mkdtemp(prefix=f"rlpost-{tag}-pid{os.getpid()}-", dir=shared_memory_base()))
+    (root / OWNER_FILE).write_text(json.dumps(owner_record()))
+    return root
 
 
 def exportable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,9 +150,12 @@ def exportable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class WeightPublisher:
-    """Writes successive policy versions for the rollout engine to load; keeps the newest `keep`."""
+    """Writes successive policy versions for the rollout engine to load; keeps the newest `keep`.
+
+    Construction first removes the leftovers of killed runs (`remove_leftovers`)."""
 
     def __init__(self, tag: str, keep: int = 3):
+        self.removed_leftovers = remove_leftovers(tag)
         self.root = shared_memory_root(tag)
         self.keep = keep
         self._published: list[Path] = []

@@ -82,3 +82,33 @@ def test_k3_kl_estimator_hand_computed():
     # token 1: r = 1 -> 0; token 2: r = 2 -> 2 - 1 - ln 2
     expected = torch.tensor([[0.0, 1.0 - math.log(2.0)]])
     assert torch.allclose(_k3_kl(sampler, learner), expected, atol=1e-6)
+
+
+def test_invalid_samples_are_left_out_of_their_groups_mean_and_std():
+    """Group [1, None, 0, 0] -> the valid [1, 0, 0]: mean 1/3, centred [2/3, -1/3, -1/3], unbiased variance
+    (4/9 + 1/9 + 1/9) / 2 = 1/3, std 0.57735 -> A = [1.15450, 0, -0.57725, -0.57725]; the masked one gets 0.
+    Group [2, 4, None, None] -> valid [2, 4]: mean 3, std sqrt(2) -> A = [-1, 1] / (1.41421 + eps), 0, 0."""
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 0.0, 0.0, 2.0, 4.0, 123.0, nan])  # values at invalid positions are ignored
+    valid = torch.tensor([True, False, True, True, True, True, False, False])
+    s3, s2 = math.sqrt(1 / 3) + 1e-4, math.sqrt(2) + 1e-4
+    expected = torch.tensor([(2 / 3) / s3, 0.0, -(1 / 3) / s3, -(1 / 3) / s3, -1 / s2, 1 / s2, 0.0, 0.0])
+    out = group_advantages(rewards, 4, valid=valid)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert abs(expected[0] - 1.15450) < 1e-5 and abs(expected[2] + 0.57725) < 1e-5
+    # identical to the valid subgroup on its own, and not to reading the None as 0
+    sub = group_advantages(torch.tensor([1.0, 0.0, 0.0]), 3)
+    assert torch.allclose(out[[0, 2, 3]], sub, atol=1e-6)
+    as_zero = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4)
+    assert not torch.allclose(out[:4], as_zero)
+    centred = group_advantages(rewards, 4, scale="none", valid=valid)
+    assert torch.allclose(centred, torch.tensor([2 / 3, 0, -1 / 3, -1 / 3, -1, 1, 0, 0]), atol=1e-6)
+
+
+def test_group_with_fewer_than_two_valid_samples_gets_zero():
+    rewards = torch.tensor([5.0, 1.0, 0.0, 3.0, 0.0, 1.0])
+    valid = torch.tensor([True, False, False, False, False, False])
+    assert torch.equal(group_advantages(rewards, 3, valid=valid), torch.zeros(6))
+    assert torch.equal(group_advantages(rewards, 3, scale="none", valid=valid), torch.zeros(6))
+    with pytest.raises(ValueError, match="validity mask"):
+        group_advantages(rewards, 3, valid=torch.ones(4, dtype=torch.bool))

@@ -99,6 +99,8 @@ def test_step_metrics_for_on_policy_groups(learner_for, tokenizer):
     assert metrics["train/samples"] == 4
     assert metrics["train/completion_tokens"] == 11
     assert metrics["train/grad_norm"] > 0
+    assert metrics["train/skipped_step"] == 0 and metrics["train/masked_samples"] == 0
+    assert metrics["train/masked_groups"] == 0 and metrics["train/trained_samples"] == 4
     assert all(math.isfinite(v) for v in metrics.values())
 
 

@@ -5,27 +5,51 @@ from __future__ import annotations
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages: each reward minus its group's mean, optionally divided by the group's std.
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: str = "group",
+    eps: float = 1e-4,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GRPO advantages: each reward minus its group's mean, optionally divided by the group's std,
+    computed over the *valid* samples of each group only.
 
-    For group g with rewards r_{g,1..n}:  mean_g = (1/n) sum_i r_{g,i},
-    std_g = sqrt( (1/(n-1)) sum_i (r_{g,i} - mean_g)^2 )  (unbiased, as TRL uses), and
+    `valid[i]` (bool, default all True) says whether sample i has a reward; the value of `rewards`
+    at an invalid position is ignored (any number or NaN). For group g let V_g be its valid samples
+    and n_g = |V_g|. For i in V_g:
+
+        mean_g = (1/n_g) sum_{j in V_g} r_{g,j}
+        std_g  = sqrt( (1/(n_g-1)) sum_{j in V_g} (r_{g,j} - mean_g)^2 )   (unbiased, as TRL uses)
 
         A_{g,i} = (r_{g,i} - mean_g) / (std_g + eps)   if scale == "group"
         A_{g,i} =  r_{g,i} - mean_g                    if scale == "none"
 
-    A group whose rewards are all equal gets A = 0 for every member (no learning signal).
+    and A_{g,i} = 0 for every invalid i. A group with n_g < 2 gets A = 0 for all its members (no
+    baseline can be formed), as does a group whose valid rewards are all equal (no learning
+    signal). So group [1, None, 0, 0] gives the advantages of [1, 0, 0] at its valid positions and 0
+    at the masked one: a missing reward is never read as 0.
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.view(-1, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "none":
-        return centred.flatten()
-    if scale != "group":
+    if scale not in ("group", "none"):
         raise ValueError(f"unknown advantage scale {scale!r}; use 'group' or 'none'")
-    std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
-    return (centred / (std + eps)).flatten()
+    grouped = rewards.reshape(-1, group_size)
+    if valid is None:
+        ok = torch.ones_like(grouped, dtype=torch.bool)
+    else:
+        if valid.numel() != rewards.numel():
+            raise ValueError(f"validity mask has {valid.numel()} entries for {rewards.numel()} rewards")
+        ok = valid.reshape(-1, group_size).bool()
+    zero = torch.zeros((), dtype=grouped.dtype)
+    values = torch.where(ok, grouped, zero)
+    count = ok.sum(dim=1, keepdim=True)
+    mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(ok, values - mean, zero)
+    if scale == "group":
+        std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        centred = centred / (std + eps)
+    return torch.where(count >= 2, centred, zero).flatten()
 
 
 def truncated_importance_weights(

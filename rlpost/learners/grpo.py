@@ -10,10 +10,37 @@ correction) and drives the optimisation step itself. The objective per token t o
 
 with A_i the group advantage (`advantages.group_advantages`) and w the truncated importance weight
 of the sampler (`advantages.truncated_importance_weights`), aggregated per TRL's `loss_type`.
+
+KL to the reference (beta > 0). The reference pi_ref is a frozen copy of the stage's starting
+policy, passed as `reference_model`; its logprobs are computed once per batch, without gradient,
+in `build_inputs` (`ref_per_token_logps`). With d_{i,t} = log pi_ref(y_t) - log pi_theta(y_t), TRL
+uses Schulman's k3 estimator of KL(pi_theta || pi_ref) from samples of pi_theta:
+
+    KL_{i,t} = exp(d_{i,t}) - d_{i,t} - 1   (>= 0, exactly 0 where pi_theta = pi_ref)
+
+and aggregates beta * KL like the rest of the per-token loss: for loss_type "grpo" the KL part of
+the loss is beta * (1/B) sum_i (1/|m_i|) sum_t m_{i,t} KL_{i,t}; for "bnpo"/"dapo" it is
+beta * sum_{i,t} m KL / sum_{i,t} m. TRL logs the token mean sum m KL / sum m as `train/kl`.
+TRL would build its own reference by reloading the policy's `name_or_path` (wrong after a resume,
+impossible for an in-memory model), so the trainer is built with beta = 0 and `trainer.beta` is set
+afterwards; `_compute_loss` reads `self.beta` (pinned by tests/test_learner_defects.py).
+
+Masked samples. A sample whose reward is missing (None from the reward pool: the function failed,
+or none applied; also NaN/inf) has no reward and is never trained on: it is left out of its group's
+mean and std, its advantage is 0 and its completion-mask row is zeroed, so neither its policy term
+nor its KL term reaches the loss or the gradient. A group with fewer than 2 valid samples has no
+baseline and contributes nothing (all its rows are zeroed). As with TRL's own zeroed rows
+(`mask_truncated_completions`), a zeroed row still counts in the batch size B of the per-sequence
+loss types ("grpo", "dr_grpo"). When no row of the batch is trainable the optimiser step is skipped
+(parameters and optimiser state untouched) and `train/skipped_step` is 1.
+
+Dropout. The policy's and the reference's dropout is switched off (`disable_dropout`): logprobs
+must be deterministic for the sampler/learner parity and the importance ratios.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -62,6 +89,48 @@ def _right_pad(rows: list[list], pad, dtype) -> tuple[torch.Tensor, torch.Tensor
     return values, mask
 
 
+_DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop", "drop_path")
+
+
+def _is_dropout_rate(name: str, value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            and any(key in name.lower() for key in _DROPOUT_NAMES))
+
+
+def _zero_config_dropout(config, seen: set[int]) -> None:
+    from transformers import PretrainedConfig
+
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            _zero_config_dropout(value, seen)
+        elif _is_dropout_rate(name, value):
+            setattr(config, name, 0.0)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Switch off every kind of dropout in `model`, in train mode too.
+
+    TRL's `disable_dropout_in_model` sets p = 0 on each `nn.Dropout` module; that misses dropout
+    applied functionally from a float attribute (Qwen2/Llama attention read `self.attention_dropout`
+    into scaled_dot_product_attention in train mode) or from the config at forward time. So also
+    every positive numeric module attribute and config field (sub-configs included) whose name
+    contains "dropout", "pdrop", "layerdrop" or "drop_path" is set to 0.
+    """
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        _zero_config_dropout(config, set())
+
+
 def _k3_kl(sampler_logps: torch.Tensor, learner_logps: torch.Tensor) -> torch.Tensor:
     """Per-token estimate of KL(sampler || learner) from samples of the sampler (Schulman's k3):
 
@@ -74,17 +143,49 @@ def _k3_kl(sampler_logps: torch.Tensor, learner_logps: torch.Tensor) -> torch.Te
     return torch.exp(log_r) - 1 - log_r
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(values[mask].mean()) if mask.any() else float("nan")
+
+
+def _has_reward(reward) -> bool:
+    """A reward the learner may train on: not None (masked by the reward pool) and a finite number."""
+    if reward is None:
+        return False
+    try:
+        return math.isfinite(float(reward))
+    except (TypeError, ValueError):
+        return False
+
+
 class GRPOLearner:
-    """Owns the policy model and its optimiser; `step(groups)` applies one GRPO update with TRL's loss."""
+    """Owns the policy model and its optimiser; `step(groups)` applies one GRPO update with TRL's loss.
 
-    def __init__(self, model, tokenizer, settings: LearnerSettings, output_dir: str, group_size: int):
+    `reference_model` (required when `settings.beta > 0`, unused otherwise): a separate, frozen copy
+    of the stage's starting policy for the KL term; it is put in eval mode, its parameters stop
+    requiring gradients and its dropout is disabled."""
+
+    def __init__(self, model, tokenizer, settings: LearnerSettings, output_dir: str, group_size: int,
+                 reference_model=None):
         from trl import GRPOConfig, GRPOTrainer
+        from trl.trainer.utils import add_fused_lm_head
 
+        if settings.beta > 0 and reference_model is None:
+            raise ValueError(
+                f"beta = {settings.beta} > 0 needs a reference model for the KL term: pass reference_model= "
+                "(a frozen copy of the stage's starting policy), or set beta = 0"
+            )
+        if reference_model is not None:
+            if reference_model is model:
+                raise ValueError("reference_model must be a separate copy of the policy, not the policy itself")
+            policy_storage = {p.data_ptr() for p in model.parameters()}
+            if any(p.data_ptr() in policy_storage for p in reference_model.parameters()):
+                raise ValueError("reference_model shares parameters with the policy; pass an independent copy")
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        disable_dropout(model)
         args = GRPOConfig(
             output_dir=output_dir,
             learning_rate=settings.learning_rate,
-            beta=settings.beta,
+            beta=0.0,  # TRL would load its own reference from `name_or_path`; ours is set below
             loss_type=settings.loss_type,
             epsilon=settings.epsilon,
             scale_rewards=settings.scale_rewards,
@@ -98,6 +199,7 @@ class GRPOLearner:
             seed=settings.seed,
             use_vllm=False,  # generation is ours; see below for the sampler correction
             disable_tqdm=True,
+            disable_dropout=True,
         )
         self.trainer = GRPOTrainer(
             model=model,
@@ -106,6 +208,16 @@ class GRPOLearner:
             train_dataset=Dataset.from_list([{"prompt": "unused"}]),
             processing_class=tokenizer,
         )
+        # `_compute_loss` adds beta * KL (reading `ref_per_token_logps` from the inputs) when `self.beta != 0`.
+        self.trainer.beta = settings.beta
+        self.reference_model = reference_model if settings.beta > 0 else None
+        if self.reference_model is not None:
+            disable_dropout(self.reference_model)
+            self.reference_model.requires_grad_(False)
+            self.reference_model.eval()
+            # the same fused, temperature-scaled logprob head TRL puts on the policy (and on its own reference)
+            add_fused_lm_head(self.reference_model, temperature=settings.temperature,
+                              cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
         # The samples do come from vLLM: switch on TRL's sampler importance-sampling correction so that
         # `compute_loss` multiplies each token's loss by the weights we pass in `importance_sampling_ratio`.
         self.trainer.use_vllm = True
@@ -116,33 +228,47 @@ class GRPOLearner:
             (p for p in model.parameters() if p.requires_grad), lr=settings.learning_rate, weight_decay=0.0
         )
 
+    def _logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+        with torch.no_grad():
+            logps, _, _ = self.trainer._get_per_token_logps_and_entropies(
+                model,
+                torch.cat([prompt_ids, completion_ids], dim=1),
+                torch.cat([prompt_mask, completion_mask], dim=1),
+                completion_ids.size(1),
+            )
+        return logps
+
     def build_inputs(self, groups: list[RolloutGroup]) -> dict[str, torch.Tensor]:
-        """The tensors TRL's `compute_loss` expects, from scored rollout groups."""
+        """The tensors TRL's `compute_loss` expects, from scored rollout groups.
+
+        Besides TRL's keys: `reward_valid` (B,) marks samples that have a reward, `trainable` (B,)
+        the rows that reach the loss (valid, in a group with >= 2 valid samples); `completion_mask`
+        is zero on every other row (see the module docstring)."""
         pad = self.tokenizer.pad_token_id
         if len({g.size for g in groups}) != 1:
             raise ValueError(f"groups of different sizes {sorted({g.size for g in groups})} cannot share advantages")
+        size = groups[0].size
         prompts, completions, sampling, rewards = [], [], [], []
         for group in groups:
+            if len(group.rewards) != group.size:
+                raise ValueError(f"group {group.prompt_index} has {len(group.rewards)} rewards for {group.size} samples")
             for ids, logps, reward in zip(group.completion_ids, group.sampling_logprobs, group.rewards):
                 prompts.append(group.prompt_ids)
                 completions.append(ids)
                 sampling.append(logps)
                 rewards.append(reward)
+        valid = torch.tensor([_has_reward(r) for r in rewards], dtype=torch.bool)
+        reward_values = torch.tensor([float(r) if ok else 0.0 for r, ok in zip(rewards, valid.tolist())],
+                                     dtype=torch.float32)
+        trainable = (valid.view(-1, size).sum(dim=1, keepdim=True) >= 2).expand(-1, size).flatten() & valid
         prompt_ids, prompt_mask = _left_pad(prompts, pad)
         completion_ids, completion_mask = _right_pad(completions, pad, torch.long)
+        completion_mask = completion_mask * trainable[:, None].long()
         sampling_logps, _ = _right_pad(sampling, 0.0, torch.float32)
-        advantages = group_advantages(
-            torch.tensor(rewards, dtype=torch.float32), groups[0].size, self.settings.scale_rewards
-        )
-        with torch.no_grad():
-            learner_logps, _, _ = self.trainer._get_per_token_logps_and_entropies(
-                self.model,
-                torch.cat([prompt_ids, completion_ids], dim=1),
-                torch.cat([prompt_mask, completion_mask], dim=1),
-                completion_ids.size(1),
-            )
+        advantages = group_advantages(reward_values, size, self.settings.scale_rewards, valid=valid)
+        learner_logps = self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         mask = completion_mask.float()
-        return {
+        inputs = {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "completion_ids": completion_ids,
@@ -154,7 +280,13 @@ class GRPOLearner:
                 learner_logps, sampling_logps, mask, self.settings.importance_cap
             ),
             "num_items_in_batch": mask.sum(),
+            "reward_valid": valid,
+            "trainable": trainable,
         }
+        if self.reference_model is not None:
+            inputs["ref_per_token_logps"] = self._logps(
+                self.reference_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        return inputs
 
     @torch.no_grad()
     def logprob_mismatch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -164,25 +296,35 @@ class GRPOLearner:
         prompts, prompt_mask = _left_pad(prompt_ids, pad)
         completions, completion_mask = _right_pad(completion_ids, pad, torch.long)
         sampled, _ = _right_pad(sampling_logprobs, 0.0, torch.float32)
-        ours, _, _ = self.trainer._get_per_token_logps_and_entropies(
-            self.model, torch.cat([prompts, completions], 1), torch.cat([prompt_mask, completion_mask], 1),
-            completions.size(1))
+        ours = self._logps(self.model, prompts, prompt_mask, completions, completion_mask)
         return float((ours - sampled).abs()[completion_mask.bool()].max())
 
     def step(self, groups: list[RolloutGroup], fresh: list[bool] | None = None) -> dict[str, float]:
         """One optimiser step on `groups`. `fresh[i]` marks on-policy groups, whose sampling logprobs
-        must equal the learner's: their max |difference| is reported as `rollout/logprob_mismatch_max`."""
+        must equal the learner's: their max |difference| is reported as `rollout/logprob_mismatch_max`.
+
+        Samples without a reward are masked (`train/masked_samples`; groups left with < 2 valid
+        samples: `train/masked_groups`). With no trainable token the step is skipped: no optimiser
+        step, `train/skipped_step` = 1, loss and grad norm reported as 0."""
         start = time.perf_counter()
         inputs = self.build_inputs(groups)
-        self.trainer._metrics["train"].clear()
-        self.model.train()
-        loss = self.trainer.compute_loss(self.model, inputs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
-        self.optimizer.step()
-        metrics = {f"train/{k}": sum(v) / len(v) for k, v in self.trainer._metrics["train"].items() if v}
         mask = inputs["completion_mask"].bool()
+        size = groups[0].size
+        valid, trainable = inputs["reward_valid"], inputs["trainable"]
+        skipped = not bool(mask.any())
+        self.trainer._metrics["train"].clear()
+        metrics: dict[str, float] = {}
+        if skipped:
+            loss_value, grad_norm = 0.0, 0.0
+        else:
+            self.model.train()
+            loss = self.trainer.compute_loss(self.model, inputs)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
+            self.optimizer.step()
+            loss_value = float(loss.detach())
+            metrics.update({f"train/{k}": sum(v) / len(v) for k, v in self.trainer._metrics["train"].items() if v})
         diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).abs()
         per_sample_fresh = torch.tensor(
             [f for f, g in zip(fresh or [True] * len(groups), groups) for _ in range(g.size)]
@@ -190,15 +332,19 @@ class GRPOLearner:
         fresh_mask = mask & per_sample_fresh[:, None]
         metrics.update(
             {
-                "train/loss": float(loss.detach()),
-                "train/grad_norm": float(grad_norm),
+                "train/loss": loss_value,
+                "train/grad_norm": grad_norm,
                 "train/step_s": time.perf_counter() - start,
                 "train/samples": float(mask.size(0)),
+                "train/trained_samples": float(trainable.sum()),
+                "train/masked_samples": float((~valid).sum()),
+                "train/masked_groups": float((valid.view(-1, size).sum(dim=1) < 2).sum()),
+                "train/skipped_step": float(skipped),
                 "train/completion_tokens": float(mask.sum()),
                 "rollout/logprob_mismatch_max": float(diff[fresh_mask].max()) if fresh_mask.any() else float("nan"),
-                "rollout/importance_weight_mean": float(inputs["importance_sampling_ratio"][mask].mean()),
-                "train/kl_sampler_to_learner": float(_k3_kl(inputs["sampling_per_token_logps"],
-                                                            inputs["old_per_token_logps"])[mask].mean()),
+                "rollout/importance_weight_mean": _masked_mean(inputs["importance_sampling_ratio"], mask),
+                "train/kl_sampler_to_learner": _masked_mean(
+                    _k3_kl(inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]), mask),
             }
         )
         return metrics
