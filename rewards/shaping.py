@@ -135,3 +135,12 @@ format_tags_reward = make_format_reward()
 format_tags_reward.__name__ = "format_tags_reward"
 overlong_penalty_reward = make_overlong_penalty(max_length=512, cache=128)
 overlong_penalty_reward.__name__ = "overlong_penalty_reward"
+
+
+def format_regex_reward(prompts, completions, completion_ids=None, pattern: str | None = None,
+                        **kwargs: Any) -> list[float | None]:
+    """1.0 if a completion contains a match of `pattern` (a recipe arg, `re.DOTALL`), else 0.0."""
+    if not pattern:
+        raise UserError("reward 'format_regex' needs args: {pattern: REGEX} in the recipe")
+    regex = _compile(pattern)
+    return [1.0 if regex.search(completion_text(c, i)) else 0.0 for i, c in enumerate(completions)]

@@ -29,7 +29,7 @@ import yaml
 
 from rlpost.errors import UserError
 
-__all__ = ["setting", "load_config", "to_dict", "config_help"]
+__all__ = ["setting", "load_config", "build_config", "read_yaml", "to_dict", "config_help"]
 
 _NUMBER = re.compile(r"^[-+]?(\d[\d_]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 _MAX_REPR = 60
@@ -59,7 +59,13 @@ def setting(default: Any, help: str, *, path_must_exist: bool = False,
 def load_config(cls: type, yaml_path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Any:
     """Read the recipe at `yaml_path` (None: defaults only), apply `overrides`, validate, build `cls`."""
     source = str(yaml_path) if yaml_path is not None else f"{cls.__name__} defaults"
-    data = _read_yaml(yaml_path) if yaml_path is not None else {}
+    data = read_yaml(yaml_path) if yaml_path is not None else {}
+    return build_config(cls, data, source, overrides)
+
+
+def build_config(cls: type, data: dict, source: str, overrides: typing.Iterable[str] = ()) -> Any:
+    """`load_config` for a mapping already read (`source` names it in messages)."""
+    data = copy.deepcopy(data)
     origins: dict[str, str] = {}
     for override in overrides:
         _apply_override(cls, data, override, origins)
@@ -103,7 +109,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path) -> dict:
     """The recipe's top-level mapping; missing file, bad YAML or a non-mapping are UserErrors."""
     try:
         text = Path(path).read_text(encoding="utf-8")

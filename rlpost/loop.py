@@ -32,16 +32,6 @@ log = logging.getLogger("rlpost.loop")
 
 
 @dataclass
-class HeldOut:
-    """Held-out prompts, their reference answers and the task's checker `score(completion, answer)`."""
-
-    prompts: list[str]
-    answers: list[str]
-    score: object
-    max_tokens: int
-
-
-@dataclass
 class LoopSettings:
     max_steps: int
     groups_per_step: int
@@ -51,6 +41,8 @@ class LoopSettings:
     learner: LearnerSettings = field(default_factory=LearnerSettings)
     sample_timeout_s: float = 600.0
     learner_threads: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 class WorkerLink:
@@ -58,6 +50,7 @@ class WorkerLink:
 
     def __init__(self, spec: WorkerSpec, capacity: int):
         ctx = mp.get_context("spawn")
+        self.spec = spec
         self.samples, self.control, self.events = ctx.Queue(capacity), ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=worker_main, args=(spec, self.samples, self.control, self.events),
                                    name="rlpost-rollout")
@@ -97,12 +90,16 @@ class WorkerLink:
             if block_for and kind == block_for:
                 return
 
-    def generate(self, tag: str, prompt_ids: list[list[int]], temperature: float, max_tokens: int) -> list:
-        """One completion per prompt from the worker's engine with its current weights."""
-        self.control.put(("generate", tag, prompt_ids, temperature, max_tokens))
+    def generate(self, tag: str, prompt_ids: list[list[int]], **sampling) -> list[list]:
+        """Completions per prompt from the worker's engine with its current weights
+        (`sampling`: `RolloutEngine.generate`'s keywords)."""
+        self.control.put(("generate", tag, prompt_ids, sampling))
         while tag not in self.generations:
             self.pump(block_for="generations")
         return self.generations.pop(tag)
+
+    def engine(self, tag: str) -> "WorkerEngine":
+        return WorkerEngine(self, tag)
 
     def stop(self) -> None:
         if self.alive():
@@ -113,16 +110,16 @@ class WorkerLink:
             self.process.join()
 
 
-def evaluate_held_out(link: WorkerLink, tokenizer, held_out: HeldOut, tag: str) -> dict:
-    """Greedy accuracy on the held-out prompts with the worker's current weights, with a Wilson 95% CI."""
-    from rlpost.evaluation.metrics import accuracy
+@dataclass
+class WorkerEngine:
+    """The rollout worker's engine seen as a `RolloutEngine` (for the evaluation runner): generation
+    with the weights the worker holds now."""
 
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in held_out.prompts]
-    texts = [g.text for g in link.generate(tag, ids, 0.0, held_out.max_tokens)]
-    scores = [held_out.score(t, a) for t, a in zip(texts, held_out.answers)]
-    est = accuracy(scores)
-    return {"accuracy": est.value, "low": est.low, "high": est.high, "n": est.n, "method": est.method,
-            "completions": texts}
+    link: WorkerLink
+    tag: str
+
+    def generate(self, prompt_ids: list[list[int]], **sampling) -> list[list]:
+        return self.link.generate(self.tag, prompt_ids, **sampling)
 
 
 def probe_logprob_mismatch(link: WorkerLink, learner: GRPOLearner, prompt_ids: list[list[int]], tag: str,
@@ -130,22 +127,30 @@ def probe_logprob_mismatch(link: WorkerLink, learner: GRPOLearner, prompt_ids: l
     """Max |vLLM sampling logprob - learner logprob| over a probe batch, same tokens, same weights.
 
     Call only when the worker has acknowledged the learner's current version."""
-    generations = link.generate(tag, prompt_ids, temperature, max_tokens)
+    generations = [g[0] for g in link.generate(tag, prompt_ids, temperature=temperature, max_tokens=max_tokens)]
     return learner.logprob_mismatch(prompt_ids, [list(g.token_ids) for g in generations],
                                     [list(g.logprobs) for g in generations])
 
 
 def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, settings: LoopSettings,
-           held_out: HeldOut, progress=None) -> dict:
-    """Train from `policy_dir` (or resume from the newest checkpoint in `run_dir`); return figures."""
+           evaluate=None, progress=None) -> dict:
+    """Train from `policy_dir` (or resume from the newest checkpoint in `run_dir`); return figures.
+
+    `evaluate(engine, tag) -> {"accuracy", "low", "high", ...}` (the pipeline's evaluation runner
+    on the rollout worker's engine) runs at step 0, every `eval_every` steps and at the end."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(settings.learner_threads)
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir)
-    model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir, dtype=torch.float32)
-    learner = GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size)
+    dtype = getattr(torch, settings.dtype)
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir, dtype=dtype).to(settings.device)
+    reference = None
+    if settings.learner.beta > 0:  # the stage's starting policy, also after a resume
+        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device)
+    learner = GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size,
+                          reference_model=reference)
     state = load_checkpoint(ckpt, model, learner.optimizer) if ckpt else RLState()
     if ckpt:
         log.info("resuming from %s (step %d)", ckpt, state.step)
@@ -158,6 +163,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     ledger.truncate_after(state.step)
     publisher = WeightPublisher(run_dir.name)
     link = WorkerLink(worker, capacity=(settings.max_staleness + 1) * settings.groups_per_step)
+    link.synced.append((state.step, 0.0, time.perf_counter()))  # it starts with the weights it was given
     buffer = SampleBuffer(link.samples, settings.max_staleness)
     if state.staleness:  # counts continue across a resume
         buffer.gate.groups = StalenessCounts(**state.staleness["groups"])
@@ -166,9 +172,8 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     try:
         link.pump(block_for="ready", timeout_s=600)
         figures["engine_startup_s"] = link.startup_s
-        if state.step == 0:
-            result = evaluate_held_out(link, tokenizer, held_out, "step-0")
-            metrics.log(0, _eval_scalars(result))
+        if state.step == 0 and evaluate is not None:
+            metrics.log(0, _eval_scalars(evaluate(link.engine("step-0"), "step-0")))
         sent_at: dict[int, float] = {}
         rl_start = last_step_end = time.perf_counter()
         while state.step < settings.max_steps:
@@ -189,8 +194,9 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                            "samples": sum(g.size for g in groups), "samples_trained": state.samples_trained})
             scalars.update(_drain_rollout_metrics(link, sent_at, buffer))
             now = time.perf_counter()
-            rewards = [r for g in groups for r in g.rewards]
-            scalars.update({"train/reward_mean": sum(rewards) / len(rewards), "learner/wait_s": waited,
+            rewards = [r for g in groups for r in g.rewards if r is not None]  # None: masked, not 0
+            scalars.update({"train/reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
+                            "learner/wait_s": waited,
                             "sync/write_s": write_s,
                             "learner/update_s": scalars["train/step_s"] + write_s,
                             "loop/step_wall_s": now - last_step_end,
@@ -201,7 +207,8 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                 scalars["sync/logprob_mismatch_max"] = probe_logprob_mismatch(
                     link, learner, [g.prompt_ids for g in groups], f"probe-{version}", worker.temperature,
                     worker.max_tokens)
-                scalars.update(_eval_scalars(evaluate_held_out(link, tokenizer, held_out, f"step-{version}")))
+                if evaluate is not None and version % settings.eval_every == 0:
+                    scalars.update(_eval_scalars(evaluate(link.engine(f"step-{version}"), f"step-{version}")))
             metrics.log(version, scalars)
             if progress is not None:
                 progress.update(1)
@@ -210,9 +217,6 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             if version % settings.checkpoint_every == 0 or version == settings.max_steps:
                 save_checkpoint(run_dir, model, tokenizer, learner.optimizer, state)
         figures["rl_wall_s"] = time.perf_counter() - rl_start
-        _wait_synced(link, state.step)
-        final = evaluate_held_out(link, tokenizer, held_out, "final")
-        figures["final_eval"] = final
         figures["staleness"] = vars(buffer.gate.samples)
     finally:
         link.stop()
@@ -225,6 +229,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
 
 
 def _wait_synced(link: WorkerLink, version: int) -> None:
+    """Wait until the worker holds weights of `version` or newer."""
     while not any(v >= version for v, _, _ in link.synced):
         link.pump(block_for="synced")
 

@@ -25,6 +25,7 @@ class ModelShape:
     num_kv_heads: int = 2
     intermediate_size: int = 512
     max_positions: int = 64
+    attention_dropout: float = 0.0
 
 
 def build_tokenizer():
@@ -54,6 +55,7 @@ def qwen2_config(tokenizer, shape: ModelShape, **extra):
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
         max_position_embeddings=shape.max_positions,
+        attention_dropout=shape.attention_dropout,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,

@@ -94,60 +94,20 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize_rl_run(run_dir: Path, sft: dict, rl: dict, timings: dict) -> dict:
-    """The figures a user wants at the end of a run, from `metrics.jsonl` and the stages' records."""
+def rl_stage_figures(run_dir: Path, figures: dict) -> dict:
+    """An RL stage's record: the loop's figures plus means and extremes from its `metrics.jsonl`."""
     rows = JsonlLog(Path(run_dir) / "metrics.jsonl").rows()
-    start = next((r for r in rows if r["step"] == 0 and "eval/accuracy" in r), None)
-    final = rl["final_eval"]
-    sft_eval = {"accuracy": start["eval/accuracy"], "low": start["eval/accuracy_low"],
-                "high": start["eval/accuracy_high"]} if start else None
-    rl_eval = {k: final[k] for k in ("accuracy", "low", "high", "n", "method")}
     return {
-        "held_out": {
-            "n": final["n"],
-            "interval": "95% Wilson",
-            "sft": sft_eval,
-            "rl": rl_eval,
-            "gain_points": None if sft_eval is None else 100 * (rl_eval["accuracy"] - sft_eval["accuracy"]),
-            "intervals_overlap": None if sft_eval is None else not (
-                rl_eval["low"] > sft_eval["high"] or sft_eval["low"] > rl_eval["high"]),
-        },
-        "sft": {**{k: sft[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run", "demonstration_accuracy")},
-                "stopped_on_plateau": sft.get("stopped_on_plateau")},
-        "wall_s": {**timings, "rl_loop_s": rl.get("rl_wall_s")},
+        "steps": figures["state"]["step"],
+        "samples_trained": figures["state"]["samples_trained"],
+        "staleness": figures.get("staleness"),
+        "rl_loop_s": figures.get("rl_wall_s"),
+        "engine_startup_s": figures.get("engine_startup_s"),
         "generation_tokens_per_s": _mean(rows, "rollout/tokens_per_s"),
         "learner_samples_per_s": _mean(rows, "learner/samples_per_s"),
         "weight_sync_reload_s_mean": _mean(rows, "sync/reload_s"),
         "logprob_mismatch_max": max((r[k] for r in rows for k in ("rollout/logprob_mismatch_max",
                                                                    "sync/logprob_mismatch_max") if k in r),
                                     default=None),
-        "staleness": rl.get("staleness"),
-        "steps": rl["state"]["step"],
-        "samples_trained": rl["state"]["samples_trained"],
+        "masked_samples": sum(r.get("train/masked_samples", 0) for r in rows),
     }
-
-
-def format_report(summary: dict) -> str:
-    h = summary["held_out"]
-
-    def acc(e):
-        return "n/a" if e is None else f"{100 * e['accuracy']:.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
-
-    w = summary["wall_s"]
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    lines = [
-        f"held-out accuracy (greedy, n={h['n']}, {h['interval']}):",
-        f"  SFT checkpoint  {acc(h['sft'])}",
-        f"  RL policy       {acc(h['rl'])}",
-        f"  gain            {fmt(h['gain_points'], '+.1f')} points; intervals overlap: {h['intervals_overlap']}",
-        f"SFT: best validation {100 * summary['sft']['best_val_accuracy']:.1f}% at epoch {summary['sft']['best_epoch']}"
-        f" of {summary['sft']['epochs_run']} (stopped on its plateau: {summary['sft']['stopped_on_plateau']}); "
-        f"demonstrations correct: {100 * summary['sft']['demonstration_accuracy']:.0f}%",
-        "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in w.items() if v is not None),
-        f"generation {fmt(summary['generation_tokens_per_s'], '.0f')} tokens/s; "
-        f"learner {fmt(summary['learner_samples_per_s'], '.0f')} samples/s; "
-        f"weight sync {fmt(summary['weight_sync_reload_s_mean'], '.3f')} s; "
-        f"max |logprob vLLM - learner| {fmt(summary['logprob_mismatch_max'], '.1e')}",
-        f"steps {summary['steps']}, samples trained {summary['samples_trained']}, staleness {summary['staleness']}",
-    ]
-    return "\n".join(lines)

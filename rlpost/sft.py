@@ -31,25 +31,29 @@ class SFTResult:
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 512) -> list[str]:
-    """Greedy-decode `prompts` with the learner's own (transformers) model, left-padded in batches."""
+def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                       batch_size: int = 512) -> list[str]:
+    """Greedy-decode token-id prompts with the learner's own (transformers) model, left-padded in batches."""
     model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = prompt_ids[start : start + batch_size]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return texts
 
 
 class EarlyStopping(TrainerCallback):
     """Evaluate every `every` epochs; keep the best weights; stop after `patience` evaluations without gain."""
 
-    def __init__(self, evaluate, every: int, patience: int, min_epochs: int = 0, progress=None):
+    def __init__(self, evaluate, every: int, patience: int, progress=None):
         self.evaluate, self.every, self.patience, self.progress = evaluate, every, patience, progress
-        self.min_epochs = min_epochs
         self.best_accuracy, self.best_epoch, self.best_state = -1.0, 0, None
         self.history: list[tuple[int, float]] = []
         self._since_best = 0
@@ -69,28 +73,31 @@ class EarlyStopping(TrainerCallback):
         if self.progress is not None:
             self.progress.set_postfix(epoch=epoch, val_acc=f"{accuracy:.3f}", best=f"{self.best_accuracy:.3f}")
             self.progress.update(self.every)
-        if self._since_best >= self.patience and epoch >= self.min_epochs:
+        if self._since_best >= self.patience:
             control.should_training_stop = True
         return control
 
 
-def run_sft(model, tokenizer, demos: list[tuple[str, str]], validate, *, out_dir: Path, cfg, seed: int = 0) -> SFTResult:
-    """Train `model` in place on `(prompt, completion)` demos; leave it holding the best-validation weights.
+def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg, seed: int = 0,
+            use_cpu: bool = True) -> SFTResult:
+    """Train `model` in place on tokenized rows `{input_ids, completion_mask}` (loss on completion
+    tokens only); with `validate(model) -> accuracy`, keep the best-validation weights and stop on the
+    plateau (`cfg.patience` validations without a new best); without it, train `num_train_epochs`.
 
-    `validate(model) -> float` returns validation accuracy. `cfg` carries `learning_rate`,
-    `batch_size`, `warmup_steps`, `max_epochs`, `eval_every_epochs`, `patience`, `min_epochs`.
+    `cfg` carries TRL SFTConfig's `learning_rate`, `per_device_train_batch_size`, `num_train_epochs`,
+    `warmup_steps`, `lr_scheduler_type`, plus `eval_every_epochs` and `patience`.
     """
     from tqdm.auto import tqdm
     from trl import SFTConfig, SFTTrainer
 
-    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in demos])
+    dataset = Dataset.from_list(rows)
     args = SFTConfig(
         output_dir=str(out_dir),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
+        lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps,
-        num_train_epochs=cfg.max_epochs,
+        num_train_epochs=cfg.num_train_epochs,
         logging_steps=10**9,
         save_strategy="no",
         report_to=[],
@@ -98,16 +105,23 @@ def run_sft(model, tokenizer, demos: list[tuple[str, str]], validate, *, out_dir
         max_length=None,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=use_cpu,
         bf16=False,  # TRL defaults to bf16 autocast, which is ~10x slower on CPUs without AMX
         completion_only_loss=True,
     )
     start = time.perf_counter()
-    with tqdm(total=cfg.max_epochs, desc="SFT epochs", unit="ep") as bar:
-        stopper = EarlyStopping(validate, cfg.eval_every_epochs, cfg.patience, cfg.min_epochs, progress=bar)
+    callbacks = []
+    with tqdm(total=cfg.num_train_epochs, desc="SFT epochs", unit="ep") as bar:
+        stopper = None
+        if validate is not None:
+            stopper = EarlyStopping(validate, cfg.eval_every_epochs, cfg.patience, progress=bar)
+            callbacks.append(stopper)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[stopper])
+                             callbacks=callbacks)
         trainer.train()
+    if stopper is None:
+        return SFTResult(best_accuracy=float("nan"), best_epoch=cfg.num_train_epochs,
+                         epochs_run=cfg.num_train_epochs, wall_s=time.perf_counter() - start)
     if stopper.best_state is not None:
         model.load_state_dict(stopper.best_state)
     return SFTResult(

@@ -4,11 +4,12 @@ Protocol (all messages are plain picklable tuples):
 
     learner -> worker (control queue)
         ("weights", version, directory)   reload weights in place; later batches carry `version`
-        ("generate", tag, prompt_ids, temperature, max_tokens)   one completion per prompt with the
-                                          current weights (evaluation, logprob probes)
+        ("generate", tag, prompt_ids, sampling)   completions per prompt with the current weights
+                                          (evaluation, logprob probes); sampling = RolloutEngine.generate keywords
         ("stop",)
     worker -> learner
-        samples queue: RolloutGroup, one per prompt, bounded
+        samples queue: RolloutGroup, one per prompt, bounded; a reward is None where the reward
+                       pool masked the sample (the learner does not train on it)
         events queue:  ("ready", startup_s) | ("synced", version, reload_s)
                        | ("generated", metrics) | ("generations", tag, [Generation]) | ("error", traceback)
 
@@ -24,6 +25,7 @@ import queue
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 from rewards.registry import RewardSpec
 from rollouts.buffer import RolloutGroup, may_generate
@@ -35,6 +37,7 @@ from rollouts.prompts import PromptSource
 class WorkerSpec:
     model_dir: str
     prompts: PromptSource
+    prompt_format: Any  # rlpost.prompting.PromptFormat: the one way rows become token ids
     rewards: list[RewardSpec]
     group_size: int
     groups_per_batch: int
@@ -86,9 +89,8 @@ def _run(spec: WorkerSpec, samples, control, events) -> None:
                     _, version, directory = message
                     events.put(("synced", version, engine.reload_weights(directory)))
                 elif kind == "generate":
-                    _, tag, prompt_ids, temperature, max_tokens = message
-                    outputs = engine.generate(prompt_ids, n=1, temperature=temperature, max_tokens=max_tokens)
-                    events.put(("generations", tag, [o[0] for o in outputs]))
+                    _, tag, prompt_ids, sampling = message
+                    events.put(("generations", tag, engine.generate(prompt_ids, **sampling)))
                 continue  # drain every pending message before generating
             metrics = _generate_batch(spec, engine, tokenizer, pool, samples, version, next_prompt)
             events.put(("generated", {**metrics, "rollout/batch": batch}))
@@ -108,7 +110,7 @@ def _generate_batch(spec, engine, tokenizer, pool, samples, version: int, first_
     start = time.perf_counter()
     indices = range(first_prompt, first_prompt + spec.groups_per_batch)
     prompts, columns = zip(*(spec.prompts.get(i) for i in indices))
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [spec.prompt_format.token_ids(tokenizer, {**c, "prompt": p}) for p, c in zip(prompts, columns)]
     outputs = engine.generate(
         prompt_ids, n=spec.group_size, temperature=spec.temperature, max_tokens=spec.max_tokens
     )
@@ -141,6 +143,17 @@ def _generate_batch(spec, engine, tokenizer, pool, samples, version: int, first_
         "rollout/batch_s": time.perf_counter() - start,
         "rollout/tokens": float(tokens),
         "rollout/tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
-        "rollout/reward_mean": sum(scored.total) / len(scored.total),
         **pool.stats(),
+        **reward_metrics(scored.total),
+    }
+
+
+def reward_metrics(totals: list[float | None]) -> dict[str, float]:
+    """`rollout/reward_mean` over the samples that have a reward (NaN when none has) and
+    `rollout/masked_samples`, the samples of this batch whose reward is None (failed or not
+    applicable: the learner masks them, so they must not count as 0 here either)."""
+    scored = [t for t in totals if t is not None]
+    return {
+        "rollout/reward_mean": sum(scored) / len(scored) if scored else float("nan"),
+        "rollout/masked_samples": float(len(totals) - len(scored)),
     }

@@ -25,6 +25,7 @@ def test_registry_holds_the_builtin_paths():
         "ifeval_strict": "rewards.ifeval:ifeval_strict_reward",
         "ifeval_loose": "rewards.ifeval:ifeval_loose_reward",
         "format_tags": "rewards.shaping:format_tags_reward",
+        "format_regex": "rewards.shaping:format_regex_reward",
         "overlong_penalty": "rewards.shaping:overlong_penalty_reward",
         "arithmetic_exact": "rewards.arithmetic:exact_match_reward",
         "reward_model": "rewards.reward_model:reward_model_reward",

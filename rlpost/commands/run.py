@@ -1,23 +1,34 @@
-"""`rlpost run [RECIPE.yaml] [key=value ...]`: run the quickstart recipe (the built-in default)."""
+"""`rlpost run [RECIPE.yaml] [key=value ...]`: run any recipe's stages (default: recipes/quickstart.yaml)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML (default: recipes/quickstart.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe fields, e.g. rl.max_steps=50")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1 grpo.max_steps=50")
     parser.add_argument("--help-config", action="store_true", help="list every recipe key with type, default, help")
 
 
 def run(args) -> int:
-    from recipes import quickstart
-    from rlpost.config import config_help
+    from rlpost.recipe import load_recipe, recipe_help
 
-    if args.help_config:
-        print(config_help(quickstart.QuickstartConfig))
-        return 0
     argv = list(args.overrides)
-    if args.recipe is not None:  # a recipe path, or the first override when no recipe is given
-        argv.insert(0, args.recipe)
-    quickstart.main(argv)
+    recipe = args.recipe
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        argv.insert(0, recipe)  # the first override, given without a recipe
+        recipe = None
+    recipe = Path(recipe) if recipe else DEFAULT_RECIPE
+    if args.help_config:
+        print(recipe_help(recipe))
+        return 0
+    loaded = load_recipe(recipe, argv)
+    from rlpost.console import quiet_known_warnings
+    from rlpost.pipeline import run_recipe
+
+    quiet_known_warnings()
+    run_recipe(loaded)
     return 0

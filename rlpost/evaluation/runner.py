@@ -186,11 +186,14 @@ def _truncate(text: str, stops: tuple[str, ...]) -> str:
 def generate(model_dir: Path, bench: Benchmark, *, n_samples: int, temperature: float, top_p: float,
              max_tokens: int, use_chat_template: bool | None, seed: int, dtype: str = "auto",
              gpu_memory_utilization: float = 0.85, prompt_format: PromptFormat | None = None,
+             engine=None, max_model_len: int | None = None,
              ) -> tuple[list[list[str]], list[list[dict]], dict]:
     """Completions of every row (n_samples each), per-sample generation facts, and settings used.
 
     Prompts: `prompt_format` if given (use_chat_template must then be None), else
-    `PromptFormat(chat_template=use_chat_template)`."""
+    `PromptFormat(chat_template=use_chat_template)`. `engine`: an already running engine holding
+    `model_dir`'s weights (anything with `RolloutEngine.generate`'s signature, e.g. the RL loop's
+    rollout worker), used instead of starting one; the caller keeps owning it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -201,16 +204,18 @@ def generate(model_dir: Path, bench: Benchmark, *, n_samples: int, temperature: 
     templated = prompt_format.applies_chat_template(tokenizer)
     ids = [prompt_format.token_ids(tokenizer, row) for row in bench.rows]
     limit, dtype = _model_config(model_dir, dtype)
-    settings = EngineSettings(max_model_len=_context_length(limit, ids, max_tokens), dtype=dtype,
-                              seed=seed, gpu_memory_utilization=gpu_memory_utilization)
-    engine = RolloutEngine(model_dir, settings)
+    settings = EngineSettings(max_model_len=max_model_len or _context_length(limit, ids, max_tokens),
+                              dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization)
+    owned = engine is None
+    engine = RolloutEngine(model_dir, settings) if owned else engine
     try:
         start = time.perf_counter()
         outputs = engine.generate(ids, n=n_samples, temperature=temperature, top_p=top_p,
                                   max_tokens=max_tokens, seed=None)
         generate_s = time.perf_counter() - start
     finally:
-        engine.close()
+        if owned:
+            engine.close()
     stops = () if templated else STOP_STRINGS.get(bench.name, ())
     completions = [[_truncate(g.text, stops) for g in row] for row in outputs]
     facts = [[{"finish_reason": g.finish_reason, "completion_tokens": len(g.token_ids),
@@ -218,7 +223,7 @@ def generate(model_dir: Path, bench: Benchmark, *, n_samples: int, temperature: 
               for g in row] for row in outputs]
     info = {"chat_template_applied": templated, "add_special_tokens": not templated, "stop": list(stops),
             "max_model_len": settings.max_model_len, "dtype": dtype,
-            "engine_startup_s": round(engine.startup_s, 3), "generate_s": round(generate_s, 3)}
+            "engine_startup_s": round(engine.startup_s, 3) if owned else 0.0, "generate_s": round(generate_s, 3)}
     return completions, facts, info
 
 
@@ -257,12 +262,15 @@ def evaluate(
     gpu_memory_utilization: float = 0.85,
     confidence: float = 0.95,
     prompt_format: PromptFormat | None = None,
+    engine=None,
+    max_model_len: int | None = None,
 ) -> EvalResult:
     """Generate (or, with `oracle`, take the references), score, and summarise one benchmark.
 
     benchmark: a registered name (options from `benchmark_options`) or a loaded `Benchmark`.
     max_tokens None: the benchmark's default (`DEFAULT_MAX_TOKENS`, else 512).
     prompt_format: how rows become prompts (e.g. the training recipe's); replaces use_chat_template.
+    engine: a running engine to generate with (see `generate`); max_model_len: its context length.
     """
     started, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     _check_decoding(n_samples, temperature, top_p, max_tokens, oracle)
@@ -282,7 +290,8 @@ def evaluate(
         completions, facts, info = generate(
             model_dir, bench, n_samples=n_samples, temperature=temperature, top_p=top_p,
             max_tokens=max_tokens, use_chat_template=None, seed=seed, dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization, prompt_format=fmt)
+            gpu_memory_utilization=gpu_memory_utilization, prompt_format=fmt, engine=engine,
+            max_model_len=max_model_len)
     scores = score_samples(bench.rows, completions)
     verifiers = sorted({str(row.get("verifier")) for row in bench.rows})
     figures = summarize(scores, votable=set(verifiers) <= VOTING_VERIFIERS, confidence=confidence, seed=seed)

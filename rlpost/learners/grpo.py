@@ -193,7 +193,7 @@ class GRPOLearner:
             per_device_train_batch_size=group_size,
             max_completion_length=settings.max_completion_length,
             temperature=settings.temperature,
-            use_cpu=True,
+            use_cpu=next(model.parameters()).device.type == "cpu",
             bf16=False,
             report_to=[],
             seed=settings.seed,
@@ -266,6 +266,10 @@ class GRPOLearner:
         completion_mask = completion_mask * trainable[:, None].long()
         sampling_logps, _ = _right_pad(sampling, 0.0, torch.float32)
         advantages = group_advantages(reward_values, size, self.settings.scale_rewards, valid=valid)
+        device = next(self.model.parameters()).device  # the learner's device (model.device in the recipe)
+        prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logps, advantages, valid, trainable = (
+            t.to(device) for t in (prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logps,
+                                   advantages, valid, trainable))
         learner_logps = self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         mask = completion_mask.float()
         inputs = {
@@ -293,9 +297,10 @@ class GRPOLearner:
                          sampling_logprobs: list[list[float]]) -> float:
         """Max |sampler logprob - learner logprob| over the given completions, with the current weights."""
         pad = self.tokenizer.pad_token_id
-        prompts, prompt_mask = _left_pad(prompt_ids, pad)
-        completions, completion_mask = _right_pad(completion_ids, pad, torch.long)
-        sampled, _ = _right_pad(sampling_logprobs, 0.0, torch.float32)
+        device = next(self.model.parameters()).device
+        prompts, prompt_mask = (t.to(device) for t in _left_pad(prompt_ids, pad))
+        completions, completion_mask = (t.to(device) for t in _right_pad(completion_ids, pad, torch.long))
+        sampled = _right_pad(sampling_logprobs, 0.0, torch.float32)[0].to(device)
         ours = self._logps(self.model, prompts, prompt_mask, completions, completion_mask)
         return float((ours - sampled).abs()[completion_mask.bool()].max())
 
@@ -327,7 +332,7 @@ class GRPOLearner:
             metrics.update({f"train/{k}": sum(v) / len(v) for k, v in self.trainer._metrics["train"].items() if v})
         diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).abs()
         per_sample_fresh = torch.tensor(
-            [f for f, g in zip(fresh or [True] * len(groups), groups) for _ in range(g.size)]
+            [f for f, g in zip(fresh or [True] * len(groups), groups) for _ in range(g.size)], device=mask.device
         )
         fresh_mask = mask & per_sample_fresh[:, None]
         metrics.update(

@@ -5,6 +5,24 @@ without repeating or skipping one. Held-out prompts are the pairs whose hash fal
 slice of the space; training prompts and demonstrations never use them. The checker,
 `score_answer` and the reward `exact_match_reward`, lives in `rewards.arithmetic` and is
 re-exported here.
+
+Why the quickstart's RL gain is systematic, not luck
+----------------------------------------------------
+Layout (`reverse=True`): every number is zero-padded and written least significant digit first,
+`57+68=` becomes `75+86=` with answer `521`. The k-th answer digit then sits at a fixed distance
+from the two operand digits it depends on, so a small transformer learns column addition in a few
+hundred SFT steps on every seed instead of after a long, seed-dependent flat phase (the natural
+layout took 20 to 40+ epochs and sometimes never took off; measured in docs/benchmarks.md).
+
+Demonstrator (`carry_slip=0.75`): the SFT demonstrations come from a careless demonstrator that
+forgets each carry with probability 0.75. Imitation learns its distribution: at a carry the
+policy writes the carried digit with probability ~0.25, so greedy decoding drops every carry and
+the SFT policy is right only on sums without carries (~30% of problems). That gap is a property
+of the data, not of floating point: SFT reaches the same plateau on every seed and machine.
+The verifier, though, is exact. Sampling at temperature 1 draws the carried digit ~25% of the
+time per carry, so most GRPO groups of 16 contain a correct sample; the group-normalised
+advantage favours carrying, one rule shared by every problem, and RL moves the policy from
+imitating the demonstrator to doing the sum.
 """
 
 from __future__ import annotations
@@ -20,24 +38,42 @@ __all__ = ["AdditionTask", "Problem", "written_sum", "score_answer", "exact_matc
 
 @dataclass(frozen=True)
 class Problem:
+    """`a + b`. With `width > 0` (and `reverse`) every number is written least significant digit
+    first and zero-padded: operands to `width` digits, the sum to `width + 1` (57+68 -> "75+86=", "521")."""
+
     a: int
     b: int
     reverse: bool = False
+    width: int = 0
 
     @property
     def prompt(self) -> str:
-        return f"{self.a}+{self.b}="
+        return f"{write_number(self.a, self.width)}+{write_number(self.b, self.width)}="
 
     @property
     def answer(self) -> str:
-        return written_sum(self.a, self.b, self.reverse, slips=())
+        return self.written(slips=())
+
+    def written(self, slips: tuple[bool, ...]) -> str:
+        """The sum as a demonstrator who drops the carries marked in `slips` writes it."""
+        return written_sum(self.a, self.b, self.reverse, slips, width=self.width + 1 if self.width else 0)
 
 
-def written_sum(a: int, b: int, reverse: bool, slips: tuple[bool, ...] = ()) -> str:
+def write_number(n: int, width: int) -> str:
+    """`n` as usual for width 0; else zero-padded to `width` digits, least significant first."""
+    return f"{n:0{width}d}"[::-1] if width else str(n)
+
+
+def read_number(text: str, width: int) -> int:
+    """The inverse of `write_number`."""
+    return int(text[::-1] if width else text)
+
+
+def written_sum(a: int, b: int, reverse: bool, slips: tuple[bool, ...] = (), width: int = 0) -> str:
     """Column addition, digit by digit from the right; `slips[k]` drops the carry out of column k.
 
     With `reverse` the digits are written least significant first, the order column addition
-    produces them in (and the order that lets a small transformer learn the carry rule quickly).
+    produces them in; `width > 0` pads the sum with zeros to `width` digits.
     """
     digits, carry, column = [], 0, 0
     while a or b or carry:
@@ -47,7 +83,8 @@ def written_sum(a: int, b: int, reverse: bool, slips: tuple[bool, ...] = ()) -> 
         if carry and column < len(slips) and slips[column]:
             carry = 0
         a, b, column = a // 10, b // 10, column + 1
-    text = "".join(map(str, digits or [0]))
+    digits = (digits or [0]) + [0] * (width - len(digits or [0]))
+    text = "".join(map(str, digits))
     return text if reverse else text[::-1]
 
 
@@ -78,7 +115,7 @@ class AdditionTask:
         """The `index`-th training prompt of the stream `seed` (never a held-out pair)."""
         pairs = self._train_pairs
         rng = random.Random(f"{seed}:{index}")
-        return Problem(*pairs[rng.randrange(len(pairs))], self.reverse)
+        return Problem(*pairs[rng.randrange(len(pairs))], self.reverse, self.width)
 
     def demonstrations(self, count: int, seed: int) -> list[tuple[str, str]]:
         """`count` (prompt, completion) demonstrations on distinct training problems.
@@ -90,13 +127,14 @@ class AdditionTask:
         demos = []
         for a, b in rng.sample(self._train_pairs, count):
             slips = tuple(rng.random() < self.carry_slip for _ in range(4))
-            demos.append((f"{a}+{b}=", written_sum(a, b, self.reverse, slips)))
+            problem = Problem(a, b, self.reverse, self.width)
+            demos.append((problem.prompt, problem.written(slips)))
         return demos
 
     def answer_for(self, prompt: str) -> str:
         """The correct answer to a prompt `"a+b="` of this task."""
         a, b = prompt.rstrip("=").split("+")
-        return Problem(int(a), int(b), self.reverse).answer
+        return Problem(read_number(a, self.width), read_number(b, self.width), self.reverse, self.width).answer
 
     def held_out(self, count: int, seed: int = 0) -> list[Problem]:
         """`count` distinct held-out problems (evaluation only)."""
@@ -104,7 +142,12 @@ class AdditionTask:
         pairs = self._held_out_pairs
         if count > len(pairs):
             raise ValueError(f"only {len(pairs)} held-out pairs exist; asked for {count}")
-        return [Problem(*p, self.reverse) for p in rng.sample(pairs, count)]
+        return [Problem(*p, self.reverse, self.width) for p in rng.sample(pairs, count)]
+
+    @property
+    def width(self) -> int:
+        """Digits per operand in the reversed layout (0: numbers written as usual)."""
+        return len(str(self.max_operand)) if self.reverse else 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_train_pairs", self._pairs(held_out=False))

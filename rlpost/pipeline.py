@@ -1,0 +1,273 @@
+"""Run a recipe: starting policy -> evaluation -> each stage in order, evaluated after each -> report.
+
+    RUN/recipe.json            the recipe's settings; a resume with changed settings is refused
+    RUN/initial/policy         the built model (model.build) — with model.path the directory itself
+    RUN/<stage>/policy         each stage's output, the next stage's input
+    RUN/<stage>/stage.json     written when the stage finished; a rerun skips finished stages
+    RUN/evals/<point>.json     every `eval` entry at 'initial' and after each stage, with 95% intervals
+    RUN/summary.json, RUN/training.png, RUN/tensorboard/ (RL stages), printed report
+
+Killed at any point, the same command continues: finished stages and evaluations are kept, an RL
+stage resumes from its newest checkpoint. A finished run's command says so and prints its report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rlpost.errors import UserError
+from rlpost.recipe import changed_keys, flat_settings
+
+log = logging.getLogger("rlpost.pipeline")
+_FREE_KEYS = ("run_dir",)  # may differ between the first run and a resume
+
+
+def run_recipe(recipe: Any) -> dict:
+    """Run (or continue) every stage of `recipe`; returns the summary."""
+    from rlpost.stages import STAGES, StageContext
+    from rlpost.training_data import TrainingData
+
+    run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_recipe(run_dir, recipe)
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(f"run {run_dir} is complete (delete {run_dir / 'summary.json'} to re-evaluate); its report:")
+        print(format_report(summary))
+        return summary
+    import torch
+
+    torch.set_num_threads(recipe.model.threads)
+    data = TrainingData(recipe.data, recipe.seed)
+    device = resolve_device(recipe.model.device)
+    policy = initial_policy(recipe, run_dir)
+    points = [("initial", policy)]
+    records: dict[str, dict] = {}
+    evaluations = {"initial": evaluate_point(recipe, data, policy, run_dir, "initial")}
+    for entry in recipe.stage_entries:
+        out_dir = run_dir / entry.name
+        done = out_dir / "stage.json"
+        if done.exists():
+            records[entry.name] = json.loads(done.read_text())
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            print(f"stage '{entry.name}' ({entry.type}) from {policy}")
+            ctx = StageContext(recipe, entry.name, Path(policy), out_dir, data, device,
+                               engine_settings=engine_settings(recipe),
+                               evaluate=in_stage_evaluation(recipe, data))
+            start = time.perf_counter()
+            record = STAGES[entry.type].run(getattr(recipe, entry.name), ctx)
+            record = {"type": entry.type, "wall_s": time.perf_counter() - start, **record}
+            done.write_text(json.dumps(record, indent=2, default=str))
+            records[entry.name] = record
+        policy = out_dir / "policy"
+        points.append((entry.name, policy))
+        evaluations[entry.name] = evaluate_point(recipe, data, policy, run_dir, entry.name)
+    summary = summarize(recipe, run_dir, records, evaluations, [p for p, _ in points])
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot(run_dir, summary)
+    print(format_report(summary))
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
+    return summary
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is 'cuda' but torch sees no CUDA device; use model.device=auto or cpu")
+    return device
+
+
+def engine_settings(recipe: Any):
+    from rollouts.engine import EngineSettings
+
+    m = recipe.model
+    limit = m.max_model_len or (m.build.max_positions if m.build else _model_positions(m.path))
+    return EngineSettings(max_model_len=limit, dtype=m.dtype, gpu_memory_utilization=m.gpu_memory_utilization,
+                          seed=recipe.seed)
+
+
+def _model_positions(path) -> int:
+    from transformers import AutoConfig
+
+    return min(4096, getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 4096) or 4096)
+
+
+def initial_policy(recipe: Any, run_dir: Path) -> Path:
+    """`model.path`, or the built-in model built (once) into RUN/initial/policy."""
+    if recipe.model.path is not None:
+        return Path(recipe.model.path).expanduser().resolve()
+    target = run_dir / "initial" / "policy"
+    if not (target / "config.json").exists():
+        from rlpost.modeling import ModelShape, build_model, build_tokenizer, save_pretrained
+
+        b = recipe.model.build
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer, ModelShape(b.hidden_size, b.num_layers, b.num_heads, b.num_kv_heads,
+                                                  b.intermediate_size, b.max_positions, b.dropout), seed=recipe.seed)
+        save_pretrained(model, tokenizer, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def load_eval_benchmark(spec: Any, data: Any):
+    """The benchmark an `eval` entry names, as rows the runner scores."""
+    from rlpost.evaluation.benchmarks import load_benchmark, load_user_dataset
+
+    if spec.benchmark == "held_out":
+        return data.held_out(spec.limit)
+    path = Path(spec.benchmark)
+    if path.suffix in (".jsonl", ".parquet") or path.is_dir():
+        if not spec.verifier:
+            raise UserError(f"eval entry {spec.benchmark!r}: a dataset needs a 'verifier' (math, addition, ...)")
+        return load_user_dataset(path, spec.verifier, spec.columns).head(spec.limit)
+    return load_benchmark(spec.benchmark, limit=spec.limit)
+
+
+def _evaluate(recipe: Any, data: Any, spec: Any, policy: Path, engine=None) -> dict:
+    from rlpost.evaluation.runner import evaluate
+
+    m = recipe.model
+    result = evaluate(policy, load_eval_benchmark(spec, data), max_tokens=spec.max_tokens, n_samples=spec.n_samples,
+                      temperature=spec.temperature, seed=recipe.seed, dtype=m.dtype,
+                      gpu_memory_utilization=m.gpu_memory_utilization, prompt_format=data.format, engine=engine,
+                      max_model_len=engine_settings(recipe).max_model_len if engine is None else None)
+    acc = result.figures["accuracy"]
+    return {"accuracy": acc["value"], "low": acc["low"], "high": acc["high"], "n": acc.get("n"),
+            "method": acc.get("method"), "figures": result.figures}
+
+
+def evaluate_point(recipe: Any, data: Any, policy: Path, run_dir: Path, point: str) -> dict:
+    """Every `eval` entry on `policy`, cached in RUN/evals/<point>.json."""
+    path = run_dir / "evals" / f"{point}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    results = {}
+    for spec in recipe.eval:
+        results[spec.label] = _evaluate(recipe, data, spec, policy)
+        r = results[spec.label]
+        print(f"eval {point:>10} {spec.label}: {100 * r['accuracy']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def in_stage_evaluation(recipe: Any, data: Any):
+    """The first `eval` entry, run on an RL stage's rollout engine every `eval_steps` (same runner)."""
+    if not recipe.eval:
+        return None
+    spec = recipe.eval[0]
+
+    def run(engine, tag: str) -> dict:
+        return _evaluate(recipe, data, spec, Path(engine.link.spec.model_dir), engine=engine)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarize(recipe: Any, run_dir: Path, records: dict, evaluations: dict, points: list[str]) -> dict:
+    """Per-point evaluations with intervals, the gain of each stage over the one before, stage records."""
+    table = {}
+    for label in (spec.label for spec in recipe.eval):
+        row = {p: {k: evaluations[p][label][k] for k in ("accuracy", "low", "high", "n")} for p in points}
+        gains = {}
+        for before, after in zip(points, points[1:]):
+            a, b = row[before], row[after]
+            gains[after] = {"gain_points": 100 * (b["accuracy"] - a["accuracy"]),
+                            "intervals_overlap": not (b["low"] > a["high"] or a["low"] > b["high"])}
+        table[label] = {"points": row, "gains": gains, "interval": "95%"}
+    stages = {name: {k: v for k, v in rec.items() if k not in ("history",)} for name, rec in records.items()}
+    return {"recipe": recipe.source, "run_dir": str(run_dir), "seed": recipe.seed, "evaluations": table,
+            "stages": stages, "points": points}
+
+
+def format_report(summary: dict) -> str:
+    lines = []
+    for label, t in summary["evaluations"].items():
+        lines.append(f"{label} (95% intervals):")
+        for point, e in t["points"].items():
+            gain = t["gains"].get(point)
+            extra = (f"  {gain['gain_points']:+.1f} points, intervals overlap: {gain['intervals_overlap']}"
+                     if gain else "")
+            lines.append(f"  {point:>10}  {100 * e['accuracy']:5.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
+                         f"  n={e['n']}{extra}")
+    for name, rec in summary["stages"].items():
+        facts = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+                          if isinstance(v, (int, float, bool, str)) and k != "type")
+        lines.append(f"stage {name} ({rec.get('type')}): {facts}")
+    return "\n".join(lines)
+
+
+def plot(run_dir: Path, summary: dict) -> Path | None:
+    """training.png: accuracy with intervals at every point, and the RL curves where a stage logged them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rlpost.report import JsonlLog
+
+    curves = []
+    for name in summary["stages"]:
+        if (run_dir / name / "metrics.jsonl").exists():
+            curves.append((name, JsonlLog(run_dir / name / "metrics.jsonl").rows()))
+        elif (run_dir / name / "stage.json").exists() and json.loads((run_dir / name / "stage.json").read_text()).get("history"):
+            history = json.loads((run_dir / name / "stage.json").read_text())["history"]
+            curves.append((name, [{"epoch": e, "val/accuracy": a} for e, a in history]))
+    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for label, t in summary["evaluations"].items():
+        pts = list(t["points"].values())
+        xs = range(len(pts))
+        ax.errorbar(xs, [100 * p["accuracy"] for p in pts],
+                    yerr=[[100 * (p["accuracy"] - p["low"]) for p in pts], [100 * (p["high"] - p["accuracy"]) for p in pts]],
+                    marker="o", capsize=4, label=label)
+        ax.set_xticks(list(xs), list(t["points"]))
+    ax.set_ylabel("accuracy % (95% interval)")
+    ax.set_title("after each stage")
+    ax.legend()
+    for ax, (name, rows) in zip(axes[0][1:], curves):
+        if rows and "epoch" in rows[0]:  # an SFT stage: validation accuracy per epoch
+            ax.plot([r["epoch"] for r in rows], [r["val/accuracy"] for r in rows], marker="o", label="validation accuracy")
+            ax.set_xlabel("epoch")
+            ax.set_title(f"stage {name}")
+            ax.legend()
+            continue
+        r = [(row["step"], row["train/reward_mean"]) for row in rows if "train/reward_mean" in row]
+        e = [(row["step"], row["eval/accuracy"]) for row in rows if "eval/accuracy" in row]
+        if r:
+            ax.plot(*zip(*r), label="batch reward", alpha=0.6)
+        if e:
+            ax.plot(*zip(*e), marker="o", label="held-out accuracy")
+        ax.set_xlabel("step")
+        ax.set_title(f"stage {name}")
+        ax.legend()
+    fig.tight_layout()
+    out = run_dir / "training.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _check_same_recipe(run_dir: Path, recipe: Any) -> None:
+    """Refuse to continue a run with different settings (naming the keys); record them on first start."""
+    path = run_dir / "recipe.json"
+    settings = flat_settings(recipe)
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = changed_keys(old, json.loads(json.dumps(settings, default=str)), _FREE_KEYS)
+        if changed:
+            shown = ", ".join(f"{k} ({old.get(k, '<absent>')!r} -> {settings.get(k, '<absent>')!r})" for k in changed[:5])
+            raise UserError(f"{run_dir} holds a run of a different recipe: changed {shown}; "
+                            f"use a new run_dir=... or restore those settings")
+        return
+    path.write_text(json.dumps(settings, indent=2, default=str))

@@ -1,0 +1,254 @@
+"""Recipes: the YAML a user runs with `rlpost run RECIPE.yaml [key=value ...]`.
+
+A recipe has a `model`, `data`, `eval` and an ordered list of `stages`:
+
+    run_dir: runs/mine
+    seed: 0
+    model: {path: /models/my-instruct-model, dtype: bfloat16}    # or build: {...} for the tiny built-in
+    data: {source: prompts.jsonl, columns: {prompt: question}}
+    eval: [{benchmark: gsm8k, limit: 200}]
+    stages:
+      - {type: sft, learning_rate: 1.0e-3}
+      - {type: grpo, max_steps: 100, rewards: [math_accuracy]}
+
+Every stage starts from the previous stage's output policy (the first from `model`) and writes
+`RUN/<stage name>/`. A stage's `name` defaults to its `type`; its keys are the fields of the
+stage type's config dataclass (`rlpost.stages.STAGES`), and where a stage wraps a TRL trainer they
+carry that TRL config's field names. Overrides address stages by name: `grpo.max_steps=50`.
+
+Internally the recipe becomes one dataclass whose fields are the fixed sections plus one field per
+stage, so loading, overrides, type checks and `--help-config` are those of `rlpost.config`.
+Checks of ranges and relations between keys run here too, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlpost.config import build_config, config_help, read_yaml, setting, to_dict
+from rlpost.errors import UserError
+from rlpost.prompting import PromptFormat
+
+FIXED_SECTIONS = ("run_dir", "seed", "model", "data", "eval", "stages")
+
+
+@dataclass
+class BuildSection:
+    """The built-in tiny Qwen2 with a character tokenizer (see `rlpost.modeling`)."""
+
+    hidden_size: int = setting(256, "model width")
+    num_layers: int = setting(2, "transformer layers")
+    num_heads: int = setting(8, "attention heads (head_dim = hidden_size / num_heads must be >= 32 for vLLM on CPU)")
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention)")
+    intermediate_size: int = setting(768, "MLP width")
+    max_positions: int = setting(64, "longest sequence (prompt + completion) in tokens")
+    dropout: float = setting(0.0, "attention dropout (RL stages switch it off)")
+
+
+@dataclass
+class ModelSection:
+    path: Path | None = setting(None, "a local causal-LM directory that transformers loads (weights, tokenizer, chat template)")
+    build: BuildSection | None = setting(None, "build the built-in tiny Qwen2 + character tokenizer instead of loading `path`")
+    dtype: str = setting("float32", "weights dtype for learner and vLLM", choices=("float32", "bfloat16"))
+    device: str = setting("auto", "learner device: auto = CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
+    max_model_len: int | None = setting(None, "vLLM context length (default: the model's positions, at most 4096)")
+    gpu_memory_utilization: float = setting(0.3, "fraction of GPU memory vLLM may take (CUDA only)")
+    threads: int = setting(1, "torch CPU threads of the learner and of the rollout worker, each")
+
+
+@dataclass
+class TaskSection:
+    """The built-in addition task (`rlpost.tasks.arithmetic`), used when `data.source` is 'task'."""
+
+    max_operand: int = setting(99, "operands are integers in [0, max_operand]")
+    held_out_percent: int = setting(10, "percent of all operand pairs reserved for evaluation only")
+    carry_slip: float = setting(0.75, "probability that the SFT demonstrator forgets a carry")
+    reverse: bool = setting(True, "numbers zero-padded, least significant digit first (57+68=125 -> 75+86=521)")
+
+
+@dataclass
+class DataSection:
+    source: str = setting("task", "'task' (the built-in task), a vendored split (gsm8k-train, gsm8k-test, ifeval), "
+                                  "or a .jsonl / .parquet / save_to_disk path")
+    split: str | None = setting(None, "split of a save_to_disk DatasetDict")
+    columns: dict[str, str] = setting({}, "target -> dataset column, e.g. {prompt: question}; other columns reach rewards")
+    task: TaskSection = setting(TaskSection, "the built-in task's settings")
+    prompt: PromptFormat = setting(PromptFormat, "how a row becomes the prompt, for rollouts, SFT and evaluation alike")
+    decontaminate_against: list[str] = setting([], "benchmarks ('NAME' or 'NAME:FIELD') to 8-gram-check the training rows against")
+
+
+@dataclass
+class EvalSpec:
+    benchmark: str = setting("held_out", "'held_out' (the task's held-out prompts), addition, gsm8k, ifeval, "
+                                         "humaneval, or a dataset path")
+    name: str | None = setting(None, "label in reports (default: the benchmark)")
+    limit: int | None = setting(None, "evaluate the first N rows only")
+    max_tokens: int | None = setting(None, "completion budget (default: the benchmark's)")
+    verifier: str | None = setting(None, "checker for a dataset path: math, addition, humaneval, ifeval or a reward name")
+    columns: dict[str, str] = setting({}, "column mapping for a dataset path")
+    n_samples: int = setting(1, "samples per prompt (pass@k for k <= n)")
+    temperature: float = setting(0.0, "0 = greedy")
+
+    @property
+    def label(self) -> str:
+        return self.name or (Path(self.benchmark).stem if "/" in self.benchmark or "." in self.benchmark
+                             else self.benchmark)
+
+
+@dataclass
+class RecipeBase:
+    run_dir: Path = setting(Path("runs/run"), "where every stage's output, logs, plots and summary.json go")
+    seed: int = setting(0, "seed for data order, model initialisation and sampling")
+    model: ModelSection = setting(ModelSection, "the starting policy")
+    data: DataSection = setting(DataSection, "training prompts (and demonstrations for SFT)")
+    eval: list[EvalSpec] = setting([], "held-out sets and benchmarks, run before the first stage and after each")
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    type: str
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Any:
+    """Read, override and validate the recipe at `path`; returns the recipe dataclass instance,
+    with `.stage_entries` (ordered stage names and types) and `.source` (the file) attached."""
+    from rlpost.stages import STAGES
+
+    raw = read_yaml(path)
+    entries, flat = _stage_entries(raw, path, STAGES)
+    cls = recipe_class(entries)
+    for override in overrides:
+        _check_stage_override(override, entries, STAGES)
+    recipe = build_config(cls, flat, str(path), overrides)
+    object.__setattr__(recipe, "stage_entries", entries)
+    object.__setattr__(recipe, "source", str(path))
+    check_relations(recipe)
+    return recipe
+
+
+def recipe_class(entries: list[StageEntry]) -> type:
+    """A dataclass with the fixed sections plus one field per stage, typed by the stage's config."""
+    from rlpost.stages import STAGES
+
+    fields = [(e.name, STAGES[e.type].config, setting(STAGES[e.type].config, f"stage '{e.name}' ({e.type})"))
+              for e in entries]
+    return dataclasses.make_dataclass("Recipe", fields, bases=(RecipeBase,))
+
+
+def recipe_help(path: str | Path) -> str:
+    from rlpost.stages import STAGES
+
+    entries, _ = _stage_entries(read_yaml(path), path, STAGES)
+    return config_help(recipe_class(entries))
+
+
+def flat_settings(recipe: Any) -> dict[str, Any]:
+    """Every key of the recipe as 'dotted.key' -> value (JSON data), stages under their names."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value and prefix not in _OPAQUE:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", to_dict(recipe))
+    out["stages"] = [f"{e.name}:{e.type}" for e in recipe.stage_entries]
+    return out
+
+
+_OPAQUE = {"data.columns"}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys whose values differ between two `flat_settings` documents (missing counts as different)."""
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if k not in ignore and old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+# ----------------------------------------------------------------------------- internals
+
+def _stage_entries(raw: dict, path, stages: dict) -> tuple[list[StageEntry], dict]:
+    """The ordered stage list, validated, and the recipe as a mapping with one key per stage."""
+    listed = raw.get("stages")
+    if not isinstance(listed, list) or not listed:
+        raise UserError(f"{path}: key 'stages' must be a non-empty list, e.g. "
+                        f"'stages: [{{type: sft}}, {{type: grpo}}]'")
+    flat = {k: v for k, v in raw.items() if k != "stages"}
+    entries: list[StageEntry] = []
+    for i, stage in enumerate(listed):
+        if not isinstance(stage, dict) or "type" not in stage:
+            raise UserError(f"{path}: stages[{i}] must be a mapping with a 'type' "
+                            f"(one of {', '.join(stages)}), got {stage!r}")
+        kind = stage["type"]
+        if kind not in stages:
+            close = difflib.get_close_matches(str(kind), list(stages), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{path}: stages[{i}]: unknown stage type {kind!r}{hint}; "
+                            f"known stages: {', '.join(stages)}")
+        name = str(stage.get("name", kind))
+        if name in FIXED_SECTIONS or name in {e.name for e in entries}:
+            raise UserError(f"{path}: stages[{i}]: stage name {name!r} is taken; give it another 'name'")
+        keys = {k: v for k, v in stage.items() if k not in ("type", "name")}
+        _check_stage_keys(f"{path}: stages[{i}] ({name})", name, kind, keys, stages)
+        entries.append(StageEntry(name, kind))
+        flat[name] = keys
+    return entries, flat
+
+
+def _check_stage_keys(where: str, name: str, kind: str, keys: dict, stages: dict) -> None:
+    """A key of another stage type gets a message saying which stage it belongs to."""
+    own = {f.name for f in dataclasses.fields(stages[kind].config)}
+    for key in keys:
+        if key in own:
+            continue
+        owners = [t for t, s in stages.items() if t != kind and key in {f.name for f in dataclasses.fields(s.config)}]
+        if owners:
+            raise UserError(f"{where}: key '{key}' belongs to stage type '{owners[0]}', not '{kind}'; "
+                            f"move it to that stage")
+
+
+def _check_stage_override(override: str, entries: list[StageEntry], stages: dict) -> None:
+    key = override.partition("=")[0].strip()
+    head, _, rest = key.partition(".")
+    entry = next((e for e in entries if e.name == head), None)
+    if entry is not None and rest:
+        _check_stage_keys(f"override '{override}'", entry.name, entry.type, {rest.split(".")[0]: None}, stages)
+
+
+def check_relations(recipe: Any) -> None:
+    """Range and relation checks across keys, one line each, before any work."""
+    m = recipe.model
+    src = recipe.source
+    if (m.path is None) == (m.build is None):
+        raise UserError(f"{src}: give exactly one of 'model.path' (a local model directory) or 'model.build' "
+                        f"(the built-in tiny model); e.g. model.path=/models/my-model")
+    if m.path is not None:
+        p = Path(m.path).expanduser()
+        if not (p / "config.json").is_file():
+            what = "does not exist" if not p.exists() else "is not a model directory (no config.json)"
+            raise UserError(f"{src}: key 'model.path': {p} {what}; give a local directory that "
+                            f"transformers' from_pretrained loads")
+    if m.threads < 1:
+        raise UserError(f"{src}: key 'model.threads' must be >= 1, got {m.threads}")
+    if not 0 < m.gpu_memory_utilization <= 1:
+        raise UserError(f"{src}: key 'model.gpu_memory_utilization' must be in (0, 1], got {m.gpu_memory_utilization}")
+    if recipe.data.source != "task" and m.build is not None:
+        raise UserError(f"{src}: the built-in character model (model.build) reads only the built-in task's "
+                        f"prompts; use data.source=task or a model.path")
+    for i, spec in enumerate(recipe.eval):
+        if spec.limit is not None and spec.limit < 1:
+            raise UserError(f"{src}: key 'eval[{i}].limit' must be >= 1, got {spec.limit}")
+        if spec.benchmark == "held_out" and recipe.data.source != "task":
+            raise UserError(f"{src}: eval[{i}]: 'held_out' means the built-in task's held-out prompts; "
+                            f"name a benchmark or a held-out dataset path for data.source={recipe.data.source!r}")
+    from rlpost.stages import STAGES
+
+    for entry in recipe.stage_entries:
+        STAGES[entry.type].check(getattr(recipe, entry.name), recipe, entry.name)

@@ -1,0 +1,47 @@
+"""Pipeline stages: each a config dataclass (the recipe keys of `{type: NAME}`) and a `run` function.
+
+The seam every stage implements:
+
+    check(cfg, recipe, name) -> None       range/relation checks at load time (UserError, exit 2)
+    run(cfg, ctx: StageContext) -> dict    train from ctx.policy_in, write ctx.out_dir / "policy",
+                                           return the stage's record (stage.json)
+
+A stage starts from the previous stage's output policy; the pipeline (`rlpost.pipeline`) decides
+what runs, evaluates after every stage and writes the report. Add a learner by adding an entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlpost.stages.grpo import GRPOStage, check_grpo, run_grpo
+from rlpost.stages.sft import SFTStage, check_sft, run_sft_stage
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the recipe, its own name, where to start from and where to write."""
+
+    recipe: Any
+    name: str
+    policy_in: Path
+    out_dir: Path
+    data: Any  # rlpost.training_data.TrainingData
+    device: str
+    engine_settings: Any = None  # rollouts.engine.EngineSettings from the recipe's model section
+    evaluate: Callable[..., dict] | None = None  # evaluate(engine, tag): the pipeline's in-stage evaluation
+
+
+@dataclass(frozen=True)
+class StageType:
+    config: type
+    run: Callable[[Any, StageContext], dict]
+    check: Callable[[Any, Any, str], None]
+
+
+STAGES: dict[str, StageType] = {
+    "sft": StageType(SFTStage, run_sft_stage, check_sft),
+    "grpo": StageType(GRPOStage, run_grpo, check_grpo),
+}

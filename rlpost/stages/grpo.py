@@ -1,0 +1,107 @@
+"""The GRPO stage: asynchronous vLLM rollouts scored by isolated rewards, TRL's GRPO loss.
+
+Keys carry TRL GRPOConfig's field names where TRL has the setting (`num_generations` is the group
+size, `max_completion_length` the completion budget, `vllm_importance_sampling_cap` the truncation
+of sampler importance weights, `save_steps`/`eval_steps` the checkpoint and evaluation intervals);
+`prompts_per_step`, `max_staleness`, `rewards` and `reward_workers` are rlpost's own. The loop
+itself is `rlpost.loop.run_rl`; this module turns recipe keys into its settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlpost.config import setting
+from rlpost.errors import UserError
+
+
+@dataclass
+class GRPOStage:
+    max_steps: int = setting(100, "TRL GRPOConfig: optimiser steps")
+    learning_rate: float = setting(1e-4, "TRL GRPOConfig: AdamW learning rate, constant")
+    beta: float = setting(0.0, "TRL GRPOConfig: KL coefficient to the stage's starting policy")
+    loss_type: str = setting("grpo", "TRL GRPOConfig: loss aggregation", choices=("grpo", "dapo", "dr_grpo", "bnpo"))
+    epsilon: float = setting(0.2, "TRL GRPOConfig: clipping range of the surrogate")
+    num_generations: int = setting(16, "TRL GRPOConfig: samples per prompt (the group)")
+    temperature: float = setting(1.0, "TRL GRPOConfig: sampling temperature of rollouts (> 0)")
+    max_completion_length: int = setting(6, "TRL GRPOConfig: completion budget in tokens")
+    scale_rewards: str = setting("group", "TRL GRPOConfig: advantage scaling", choices=("group", "batch", "none"))
+    max_grad_norm: float = setting(1.0, "TRL GRPOConfig: gradient clipping")
+    vllm_importance_sampling_cap: float = setting(2.0, "TRL GRPOConfig: truncation of sampler importance weights")
+    save_steps: int = setting(25, "TRL GRPOConfig: checkpoint every N steps")
+    eval_steps: int = setting(25, "TRL GRPOConfig: evaluate the first `eval` entry every N steps")
+    prompts_per_step: int = setting(8, "prompts per optimiser step (completions = prompts x num_generations)")
+    max_staleness: int = setting(1, "policy versions a sample may lag the learner (0 = on-policy, synchronous)")
+    rewards: list = setting(["arithmetic_exact"], "reward functions: names, dotted paths or "
+                                                  "{name, weight, timeout_s, args}")
+    reward_workers: int = setting(2, "processes scoring rewards")
+
+
+def check_grpo(cfg: GRPOStage, recipe, name: str) -> None:
+    from rewards.registry import parse_reward_specs, resolve
+
+    src = recipe.source
+    for key in ("max_steps", "save_steps", "eval_steps", "prompts_per_step", "max_completion_length",
+                "reward_workers"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{src}: key '{name}.{key}' must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_staleness < 0:
+        raise UserError(f"{src}: key '{name}.max_staleness' must be >= 0 (0 = synchronous), got {cfg.max_staleness}")
+    if cfg.num_generations < 2:
+        raise UserError(f"{src}: key '{name}.num_generations' must be >= 2: a group of one sample has no "
+                        f"baseline, so every advantage is 0")
+    if cfg.temperature <= 0:
+        raise UserError(f"{src}: key '{name}.temperature' must be > 0: greedy rollouts give identical samples "
+                        f"and no learning signal")
+    if cfg.learning_rate <= 0 or cfg.beta < 0 or cfg.epsilon <= 0 or cfg.vllm_importance_sampling_cap < 1:
+        raise UserError(f"{src}: stage '{name}' needs learning_rate > 0, beta >= 0, epsilon > 0 and "
+                        f"vllm_importance_sampling_cap >= 1")
+    try:
+        for spec in parse_reward_specs(cfg.rewards):
+            resolve(spec.name)
+    except UserError as exc:
+        raise UserError(f"{src}: key '{name}.rewards': {exc}") from None
+    if recipe.data.source == "task":
+        from rlpost.training_data import TrainingData
+
+        pool = TrainingData(recipe.data, recipe.seed).pool_size()
+        if cfg.prompts_per_step > pool:
+            raise UserError(f"{src}: key '{name}.prompts_per_step' is {cfg.prompts_per_step} but the task has "
+                            f"{pool} training prompts")
+    limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
+    if limit and cfg.max_completion_length >= limit:
+        raise UserError(f"{src}: '{name}.max_completion_length' ({cfg.max_completion_length}) leaves no room for "
+                        f"a prompt within max_model_len {limit}; raise model.max_model_len or lower it")
+
+
+def run_grpo(cfg: GRPOStage, ctx) -> dict:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from rewards.registry import parse_reward_specs
+    from rlpost.learners.grpo import LearnerSettings
+    from rlpost.loop import LoopSettings, run_rl
+    from rlpost.report import rl_stage_figures
+    from rollouts.worker import WorkerSpec
+
+    recipe, m = ctx.recipe, ctx.recipe.model
+    tokenizer = AutoTokenizer.from_pretrained(ctx.policy_in)
+    worker = WorkerSpec(model_dir=str(ctx.policy_in), prompts=ctx.data.prompts(), prompt_format=ctx.data.format,
+                        rewards=parse_reward_specs(cfg.rewards), group_size=cfg.num_generations,
+                        groups_per_batch=cfg.prompts_per_step, temperature=cfg.temperature,
+                        max_tokens=cfg.max_completion_length, max_staleness=cfg.max_staleness,
+                        reward_workers=cfg.reward_workers, torch_threads=m.threads,
+                        engine=ctx.engine_settings)
+    settings = LoopSettings(
+        max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step, max_staleness=cfg.max_staleness,
+        checkpoint_every=cfg.save_steps, eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device,
+        dtype=m.dtype,
+        learner=LearnerSettings(learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.loss_type,
+                                epsilon=cfg.epsilon, max_grad_norm=cfg.max_grad_norm,
+                                importance_cap=cfg.vllm_importance_sampling_cap, scale_rewards=cfg.scale_rewards,
+                                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                                seed=recipe.seed),
+    )
+    with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:
+        figures = run_rl(ctx.policy_in, ctx.out_dir, tokenizer, worker, settings, ctx.evaluate, progress=bar)
+    return rl_stage_figures(ctx.out_dir, figures)
