@@ -93,3 +93,10 @@ NOT_CALLABLE = 42
 def scaled_length_reward(prompts, completions, completion_ids=None, scale=1.0, **kwargs):
     """len(completion) * scale: a reward with a recipe argument."""
     return [len(c) * scale for c in completions]
+
+
+def target_in_completion_reward(prompts, completions, completion_ids=None, target=None, **kwargs):
+    """1.0 if the row's `target` column appears in the completion; raises if the column did not arrive."""
+    if target is None:
+        raise KeyError("the dataset column 'target' did not reach the reward function")
+    return [1.0 if str(t) in c else 0.0 for c, t in zip(completions, target)]

@@ -83,9 +83,10 @@ def test_compare_prints_differences_and_overlap(tmp_path, capsys):
 
 
 def test_addition_oracle_uses_the_task_config(tmp_path):
-    config = {"seed": 2, "held_out_prompts": 50, "rl": {"max_tokens": 6},
-              "task": {"max_operand": 30, "held_out_percent": 25, "reverse": False, "carry_slip": 0.1}}
-    path = tmp_path / "config.json"
+    config = {"seed": 2, "data.source": "task", "eval": [{"benchmark": "held_out", "limit": 50}],
+              "grpo.max_completion_length": 6, "data.task.max_operand": 30, "data.task.held_out_percent": 25,
+              "data.task.reverse": False, "data.task.carry_slip": 0.1}
+    path = tmp_path / "recipe.json"
     path.write_text(json.dumps(config))
     argv = ["eval", "--benchmark", "addition", "--oracle", "--task-config", str(path),
             "--output-dir", str(tmp_path / "out")]

@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (engine) and bootstrap seed")
     parser.add_argument("--oracle", action="store_true",
                         help="score each row's reference instead of model output; exit 1 unless all pass")
-    parser.add_argument("--task-config", help="addition: the run's config.json (found automatically for "
+    parser.add_argument("--task-config", help="addition: the run's recipe.json (found automatically for "
                                               "models inside a run directory)")
     parser.add_argument("--output-dir", help="where to write results (default evals/<model>-<benchmark>/)")
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
@@ -76,8 +76,8 @@ def _addition_options(args) -> tuple[dict[str, Any], int | None, Path | None]:
     if path is None and args.model:
         path = find_run_config(args.model)
     if path is None:
-        print("addition: no run config.json found; using the default task settings "
-              "(pass --task-config RUN/config.json to match a run)", file=sys.stderr)
+        print("addition: no run recipe.json found; using the quickstart's default task settings "
+              "(pass --task-config RUN/recipe.json to match a run)", file=sys.stderr)
         return {}, None, None
     options, max_tokens = task_options(path)
     print(f"addition: task settings from {path}", file=sys.stderr)

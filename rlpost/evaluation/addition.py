@@ -5,10 +5,10 @@ that the quickstart evaluates, when the task options, `seed` and `count` (= `hel
 equal the run's. `--limit L` then takes the first L of them. (Taking `held_out(L, seed)` instead
 would give different problems: `random.sample` picks by a different method for small counts.)
 
-A quickstart run directory holds `config.json` with the keys `task.max_operand`,
-`task.held_out_percent`, `task.reverse`, `task.carry_slip`, `seed`, `held_out_prompts` and
-`rl.max_tokens`. Policies live at `RUN/policy`, `RUN/sft/policy` and
-`RUN/checkpoints/step-N/policy`; `find_run_config` walks up from the policy to find it.
+A run on the built-in task holds `recipe.json` (`rlpost.recipe.flat_settings`) with the keys
+`data.task.*`, `seed`, `eval` and each stage's keys. Policies live at `RUN/<stage>/policy`,
+`RUN/initial/policy` and `RUN/<stage>/checkpoints/step-N/policy`; `find_run_config` walks up from
+the policy to find it.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from rlpost.evaluation.benchmarks import Benchmark, register_benchmark
 ADDITION_VERIFIER = "addition"
 DEFAULT_COUNT = 1000  # the quickstart's default held_out_prompts
 DEFAULT_MAX_TOKENS = 8  # longest answer of two operands below 10**6 is 7 digits, plus EOS
-_RUN_LEVELS = 3  # RUN/checkpoints/step-N/policy is three levels below RUN
+_RUN_LEVELS = 4  # RUN/<stage>/checkpoints/step-N/policy is four levels below RUN
 
 
 def load_addition(
     max_operand: int = 99,
-    held_out_percent: int = 15,
-    reverse: bool = False,
+    held_out_percent: int = 12,
+    reverse: bool = True,
     carry_slip: float = 0.0,
     count: int = DEFAULT_COUNT,
     seed: int = 0,
@@ -54,14 +54,11 @@ def load_addition(
 
 
 def find_run_config(model_dir: str | Path) -> Path | None:
-    """`config.json` of the quickstart run that `model_dir` lies in, or None.
-
-    Looks in the 1..3 directories above `model_dir` (not in `model_dir` itself, whose
-    config.json is the model's) for a config.json that has a `task` section.
-    """
+    """`recipe.json` of the run that `model_dir` lies in (RUN/<stage>/policy, RUN/initial/policy or
+    RUN/<stage>/checkpoints/step-N/policy), or None when it lies in no run or the run has no task."""
     here = Path(model_dir).resolve()
     for parent in list(here.parents)[:_RUN_LEVELS]:
-        candidate = parent / "config.json"
+        candidate = parent / "recipe.json"
         if candidate.is_file() and _is_run_config(candidate):
             return candidate
     return None
@@ -72,36 +69,34 @@ def _is_run_config(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("task"), dict)
+    return isinstance(data, dict) and data.get("data.source") == "task"
 
 
 def task_options(config_path: str | Path) -> tuple[dict[str, Any], int | None]:
-    """Loader options for `load_addition` from a run's config.json, and its `rl.max_tokens`.
+    """Loader options for `load_addition` from a run's recipe.json, and its RL completion budget.
 
+    The held-out count is the `limit` of the recipe's `held_out` evaluation (1000 without one).
     Raises UserError naming the file and key when a key is missing or the JSON is bad.
     """
     path = Path(config_path)
     if not path.is_file():
-        raise UserError(f"task config {path} does not exist; pass a run's config.json")
+        raise UserError(f"run settings {path} do not exist; pass a run's recipe.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise UserError(f"task config {path} is not valid JSON ({err.msg})") from err
-    task = data.get("task") if isinstance(data, dict) else None
-    if not isinstance(task, dict):
-        raise UserError(f"task config {path} has no 'task' section; pass a quickstart run's config.json")
+        raise UserError(f"run settings {path} are not valid JSON ({err.msg})") from err
+    if not isinstance(data, dict) or data.get("data.source") != "task":
+        raise UserError(f"{path} is not a run on the built-in task (data.source is not 'task')")
     options = {}
-    for key in ("max_operand", "held_out_percent", "reverse", "carry_slip"):
-        if key not in task:
-            raise UserError(f"task config {path} lacks key 'task.{key}'")
-        options[key] = task[key]
-    for key, option in (("seed", "seed"), ("held_out_prompts", "count")):
-        if key not in data:
-            raise UserError(f"task config {path} lacks key '{key}'")
-        options[option] = data[key]
-    rl = data.get("rl")
-    max_tokens = rl.get("max_tokens") if isinstance(rl, dict) else None
-    return options, max_tokens
+    for key in ("max_operand", "held_out_percent", "reverse", "carry_slip", "seed"):
+        full = key if key == "seed" else f"data.task.{key}"
+        if full not in data:
+            raise UserError(f"run settings {path} lack key '{full}'")
+        options[key] = data[full]
+    held = [e for e in data.get("eval", []) if isinstance(e, dict) and e.get("benchmark") == "held_out"]
+    options["count"] = (held[0].get("limit") if held else None) or DEFAULT_COUNT
+    budgets = [v for k, v in data.items() if k.endswith(".max_completion_length")]
+    return options, (budgets[0] if budgets else None)
 
 
 register_benchmark("addition", load_addition, overwrite=True)
