@@ -24,45 +24,61 @@ import tempfile
 from pathlib import Path
 
 
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+
+
+def _recipe():
+    from rlpost.recipe import load_recipe
+
+    return load_recipe(RECIPE)
+
+
 def _quickstart_policy(directory: Path) -> Path:
-    """The quickstart's SFT policy if one exists, else a freshly initialised model of the same shape."""
+    """The quickstart's SFT policy if one exists, else a freshly initialised model of the recipe's shape."""
     existing = Path("runs/quickstart/sft/policy")
     if (existing / "model.safetensors").exists():
         return existing
-    from recipes.quickstart import ModelSection
     from rlpost.modeling import ModelShape, build_model, build_tokenizer, save_pretrained
 
-    m = ModelSection()
+    recipe = _recipe()
+    b = recipe.model.build
     tok = build_tokenizer()
-    shape = ModelShape(m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_size)
-    return save_pretrained(build_model(tok, shape), tok, directory / "policy")
+    shape = ModelShape(b.hidden_size, b.num_layers, b.num_heads, b.num_kv_heads, b.intermediate_size,
+                       b.max_positions, b.dropout)
+    return save_pretrained(build_model(tok, shape, seed=recipe.seed), tok, directory / "policy")
 
 
 def run_mode(policy: Path, work: Path, staleness: int, steps: int) -> list[dict]:
+    """The quickstart recipe's grpo stage from `policy`, with `max_staleness=staleness`, no evaluation."""
     from transformers import AutoTokenizer
 
-    from recipes.quickstart import QuickstartConfig, build_task
     from rewards.registry import parse_reward_specs
     from rlpost.learners.grpo import LearnerSettings
-    from rlpost.loop import HeldOut, LoopSettings, run_rl
-    from rlpost.tasks.arithmetic import score_answer
-    from rollouts.prompts import TaskPrompts
+    from rlpost.loop import LoopSettings, run_rl
+    from rlpost.pipeline import engine_settings, resolve_device
+    from rlpost.training_data import TrainingData
     from rollouts.worker import WorkerSpec
 
-    cfg = QuickstartConfig()
-    task, r = build_task(cfg), cfg.rl
+    recipe = _recipe()
+    g, m = recipe.grpo, recipe.model
+    data = TrainingData(recipe.data, recipe.seed)
     run_dir = work / f"staleness-{staleness}"
-    worker = WorkerSpec(model_dir=str(policy), prompts=TaskPrompts(task, cfg.seed),
-                        rewards=parse_reward_specs(r.rewards), group_size=r.group_size,
-                        groups_per_batch=r.groups_per_step, temperature=r.temperature, max_tokens=r.max_tokens,
-                        max_staleness=staleness, reward_workers=1)
-    settings = LoopSettings(max_steps=steps, groups_per_step=r.groups_per_step, max_staleness=staleness,
-                            checkpoint_every=10**9, eval_every=10**9,
-                            learner=LearnerSettings(learning_rate=r.learning_rate, max_completion_length=r.max_tokens))
-    held = task.held_out(8, cfg.seed)
-    held_out = HeldOut([p.prompt for p in held], [p.answer for p in held], score_answer, r.max_tokens)
+    worker = WorkerSpec(model_dir=str(policy), prompts=data.prompts(), prompt_format=data.format,
+                        rewards=parse_reward_specs(g.rewards), group_size=g.num_generations,
+                        groups_per_batch=g.prompts_per_step, temperature=g.temperature,
+                        max_tokens=g.max_completion_length, max_staleness=staleness, reward_workers=1,
+                        torch_threads=m.threads, engine=engine_settings(recipe))
+    settings = LoopSettings(
+        max_steps=steps, groups_per_step=g.prompts_per_step, max_staleness=staleness,
+        checkpoint_every=10**9, eval_every=10**9, learner_threads=m.threads, device=resolve_device(m.device),
+        learner=LearnerSettings(learning_rate=g.learning_rate, beta=g.beta, loss_type=g.loss_type,
+                                epsilon=g.epsilon, max_grad_norm=g.max_grad_norm,
+                                importance_cap=g.vllm_importance_sampling_cap, scale_rewards=g.scale_rewards,
+                                max_completion_length=g.max_completion_length, temperature=g.temperature,
+                                seed=recipe.seed),
+    )
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    run_rl(policy, run_dir, tokenizer, worker, settings, held_out)
+    run_rl(policy, run_dir, tokenizer, worker, settings)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     evaluate_point(recipe, data, policy, run_dir, "initial")
     for entry in recipe.stage_entries:  # sft, then grpo: each starts from the previous output
         ctx = StageContext(recipe, entry.name, policy, run_dir / entry.name, data, resolve_device("auto"),
-                           engine_settings=engine_settings(recipe), evaluate=in_stage_evaluation(recipe, data))
+                           engine_settings=engine_settings(recipe), evaluate=in_stage_evaluation(recipe, data, policy))
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         record = STAGES[entry.type].run(getattr(recipe, entry.name), ctx)
         print(entry.name, {k: v for k, v in record.items() if isinstance(v, (int, float))})

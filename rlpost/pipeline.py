@@ -58,7 +58,7 @@ def run_recipe(recipe: Any) -> dict:
             print(f"stage '{entry.name}' ({entry.type}) from {policy}")
             ctx = StageContext(recipe, entry.name, Path(policy), out_dir, data, device,
                                engine_settings=engine_settings(recipe),
-                               evaluate=in_stage_evaluation(recipe, data))
+                               evaluate=in_stage_evaluation(recipe, data, Path(policy)))
             start = time.perf_counter()
             record = STAGES[entry.type].run(getattr(recipe, entry.name), ctx)
             record = {"type": entry.type, "wall_s": time.perf_counter() - start, **record}
@@ -160,14 +160,15 @@ def evaluate_point(recipe: Any, data: Any, policy: Path, run_dir: Path, point: s
     return results
 
 
-def in_stage_evaluation(recipe: Any, data: Any):
-    """The first `eval` entry, run on an RL stage's rollout engine every `eval_steps` (same runner)."""
+def in_stage_evaluation(recipe: Any, data: Any, policy_in: Path):
+    """The first `eval` entry, run on an RL stage's rollout engine every `eval_steps` (same runner).
+    The weights are the engine's; `policy_in` (the stage's input) gives tokenizer and config."""
     if not recipe.eval:
         return None
     spec = recipe.eval[0]
 
     def run(engine, tag: str) -> dict:
-        return _evaluate(recipe, data, spec, Path(engine.link.spec.model_dir), engine=engine)
+        return _evaluate(recipe, data, spec, policy_in, engine=engine)
 
     return run
 

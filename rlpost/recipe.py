@@ -127,6 +127,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Any:
     recipe = build_config(cls, flat, str(path), overrides)
     object.__setattr__(recipe, "stage_entries", entries)
     object.__setattr__(recipe, "source", str(path))
+    object.__setattr__(recipe, "overrides", list(overrides))
     check_relations(recipe)
     return recipe
 
@@ -222,33 +223,45 @@ def _check_stage_override(override: str, entries: list[StageEntry], stages: dict
         _check_stage_keys(f"override '{override}'", entry.name, entry.type, {rest.split(".")[0]: None}, stages)
 
 
+def where(recipe: Any, key: str) -> str:
+    """The override that set `key` (or a section above it), else the recipe file: for messages."""
+    for override in reversed(recipe.overrides):
+        set_key = override.partition("=")[0].strip()
+        if key == set_key or key.startswith(set_key + "."):
+            return f"override '{override}'"
+    return recipe.source
+
+
 def check_relations(recipe: Any) -> None:
     """Range and relation checks across keys, one line each, before any work."""
     m = recipe.model
-    src = recipe.source
     if (m.path is None) == (m.build is None):
-        raise UserError(f"{src}: give exactly one of 'model.path' (a local model directory) or 'model.build' "
+        raise UserError(f"{where(recipe, 'model')}: give exactly one of 'model.path' (a local model directory) or 'model.build' "
                         f"(the built-in tiny model); e.g. model.path=/models/my-model")
     if m.path is not None:
         p = Path(m.path).expanduser()
         if not (p / "config.json").is_file():
             what = "does not exist" if not p.exists() else "is not a model directory (no config.json)"
-            raise UserError(f"{src}: key 'model.path': {p} {what}; give a local directory that "
+            raise UserError(f"{where(recipe, 'model.path')}: key 'model.path': {p} {what}; give a local directory that "
                             f"transformers' from_pretrained loads")
     if m.threads < 1:
-        raise UserError(f"{src}: key 'model.threads' must be >= 1, got {m.threads}")
+        raise UserError(f"{where(recipe, 'model.threads')}: key 'model.threads' must be >= 1, got {m.threads}")
     if not 0 < m.gpu_memory_utilization <= 1:
-        raise UserError(f"{src}: key 'model.gpu_memory_utilization' must be in (0, 1], got {m.gpu_memory_utilization}")
+        raise UserError(f"{where(recipe, 'model.gpu_memory_utilization')}: key 'model.gpu_memory_utilization' must be in (0, 1], got {m.gpu_memory_utilization}")
     if recipe.data.source != "task" and m.build is not None:
-        raise UserError(f"{src}: the built-in character model (model.build) reads only the built-in task's "
+        raise UserError(f"{where(recipe, 'data.source')}: the built-in character model (model.build) reads only the built-in task's "
                         f"prompts; use data.source=task or a model.path")
     for i, spec in enumerate(recipe.eval):
         if spec.limit is not None and spec.limit < 1:
-            raise UserError(f"{src}: key 'eval[{i}].limit' must be >= 1, got {spec.limit}")
+            raise UserError(f"{where(recipe, 'eval')}: key 'eval[{i}].limit' must be >= 1, got {spec.limit}")
         if spec.benchmark == "held_out" and recipe.data.source != "task":
-            raise UserError(f"{src}: eval[{i}]: 'held_out' means the built-in task's held-out prompts; "
+            raise UserError(f"{where(recipe, 'eval')}: eval[{i}]: 'held_out' means the built-in task's held-out prompts; "
                             f"name a benchmark or a held-out dataset path for data.source={recipe.data.source!r}")
     from rlpost.stages import STAGES
 
+    if recipe.data.source != "task":  # read the dataset now: a bad row stops here, before any work
+        from rlpost.training_data import TrainingData
+
+        TrainingData(recipe.data, recipe.seed).pool_size()
     for entry in recipe.stage_entries:
         STAGES[entry.type].check(getattr(recipe, entry.name), recipe, entry.name)

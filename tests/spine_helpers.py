@@ -1,4 +1,4 @@
-"""Shared settings for the tests that run the real quickstart entry point on a tiny model."""
+"""Shared settings for the tests that run the real `rlpost run` entry point on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,41 +7,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 TINY = [
-    "model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "sft.demonstrations=200", "sft.max_epochs=1", "sft.min_epochs=1", "sft.validation_prompts=20",
-    "sft.threads=1", "held_out_prompts=40",
-    "rl.groups_per_step=4", "rl.group_size=4", "rl.eval_every=4", "rl.checkpoint_every=2",
-    "rl.reward_workers=1",
+    "model.build.hidden_size=64", "model.build.num_layers=1", "model.build.num_heads=2",
+    "model.build.num_kv_heads=1", "model.build.intermediate_size=64",
+    "sft.demonstrations=200", "sft.num_train_epochs=1", "sft.validation_prompts=20",
+    "eval=[{benchmark: held_out, limit: 40}]",
+    "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.eval_steps=4", "grpo.save_steps=2",
+    "grpo.reward_workers=1",
 ]
+SFT_ONLY_TINY = [o for o in TINY if not o.startswith("grpo.")]
 
 
-def quickstart_cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "rlpost.cli", "run", f"run_dir={run_dir}", *TINY, *overrides]
+def quickstart_cmd(run_dir: Path, *overrides: str, recipe: Path | None = None) -> list[str]:
+    """`rlpost run [recipe] run_dir=... TINY... overrides...` (default recipe: recipes/quickstart.yaml)."""
+    head = [str(recipe)] if recipe is not None else []
+    tiny = TINY if recipe is None else SFT_ONLY_TINY
+    return [sys.executable, "-m", "rlpost.cli", "run", *head, f"run_dir={run_dir}", *tiny, *overrides]
 
 
 def copy_sft(sft_run: Path, run_dir: Path) -> None:
-    """Reuse a finished SFT stage so a test only pays for the RL stage."""
+    """Reuse a finished SFT stage (and the built initial model) so a test only pays for the RL stage.
+
+    recipe.json and evals/ are not copied: the full recipe differs from the SFT-only one, and its
+    evaluations are its own."""
     shutil.copytree(sft_run / "sft", run_dir / "sft")
+    shutil.copytree(sft_run / "initial", run_dir / "initial")
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def sft_only_recipe(directory: Path) -> Path:
+    """recipes/quickstart.yaml's model, data and eval with only its sft stage, written to `directory`."""
+    full = yaml.safe_load(QUICKSTART.read_text())
+    sft = [s for s in full["stages"] if s["type"] == "sft"]
+    assert len(sft) == 1, full["stages"]
+    recipe = {k: full[k] for k in ("seed", "model", "data", "eval") if k in full}
+    recipe["stages"] = sft
+    path = Path(directory) / "sft-only.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 def make_tiny_sft_run(run_dir: Path) -> Path:
-    """Run only the SFT stage of the quickstart (tiny model, 1 epoch) into `run_dir`."""
-    cmd = quickstart_cmd(run_dir)
-    code = (
-        "from pathlib import Path; from recipes import quickstart as q; from rlpost.config import load_config; "
-        f"cfg = load_config(q.QuickstartConfig, q.DEFAULT_RECIPE, {cmd[4:]!r}); "
-        "Path(cfg.run_dir).mkdir(parents=True, exist_ok=True); "
-        "q.sft_stage(cfg, q.build_task(cfg), Path(cfg.run_dir))"
-    )
-    result = run([sys.executable, "-c", code])
+    """Run the real CLI on the quickstart with only its SFT stage (tiny model, 1 epoch) into `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = sft_only_recipe(run_dir)
+    result = run(quickstart_cmd(run_dir, recipe=recipe))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "sft" / "policy" / "model.safetensors").exists()
+    assert (run_dir / "sft" / "stage.json").exists()
+    assert (run_dir / "initial" / "policy" / "config.json").exists()
     return run_dir

@@ -97,11 +97,15 @@ def test_short_texts_match_only_exact_duplicates():
 def test_recipe_reports_planted_benchmark_rows_before_training(tmp_path):
     import json
 
-    from recipes.quickstart import report_contamination
+    from types import SimpleNamespace
+
     from rlpost.evaluation.benchmarks import load_benchmark
+    from rlpost.stages.sft import _report_contamination
 
     planted = load_benchmark("gsm8k", limit=3).rows[2]["question"]
-    report_contamination(["57+68=125", f"Q: {planted} A: 7", "1+1=2"], ["gsm8k"], tmp_path)
+    ctx = SimpleNamespace(recipe=SimpleNamespace(data=SimpleNamespace(decontaminate_against=["gsm8k"])),
+                          out_dir=tmp_path)
+    _report_contamination(["57+68=125", f"Q: {planted} A: 7", "1+1=2"], ctx)
     report = json.loads((tmp_path / "decontamination.json").read_text())
     assert report["contaminated_train_indices"] == [1]
     assert report["benchmarks"]["gsm8k"]["contaminated_benchmark_rows"] >= 1

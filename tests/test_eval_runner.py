@@ -139,16 +139,27 @@ def test_oracle_refuses_what_it_cannot_check():
 # ---------------------------------------------------------------- the addition benchmark and run configs
 
 
-def _write_run(run_dir, **task):
-    config = {"seed": 3, "held_out_prompts": 300, "rl": {"max_tokens": 6},
-              "task": {"max_operand": 50, "held_out_percent": 20, "reverse": False, "carry_slip": 0.5, **task}}
+RUN_OVERRIDES = ["seed=3", "eval=[{benchmark: held_out, limit: 300}]", "grpo.max_completion_length=6",
+                 "data.task.max_operand=50", "data.task.held_out_percent=20", "data.task.reverse=false",
+                 "data.task.carry_slip=0.5", "sft.demonstrations=100", "sft.validation_prompts=10"]
+
+
+def _write_run(run_dir, *overrides: str):
+    """A run directory holding recipe.json exactly as `rlpost run` writes it; returns (its path, the recipe)."""
+    from rlpost.commands.run import DEFAULT_RECIPE
+    from rlpost.pipeline import _check_same_recipe
+    from rlpost.recipe import load_recipe
+
+    recipe = load_recipe(DEFAULT_RECIPE, [f"run_dir={run_dir}", *RUN_OVERRIDES, *overrides])
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(config))
-    return run_dir / "config.json"
+    _check_same_recipe(run_dir, recipe)
+    return run_dir / "recipe.json", recipe
 
 
 def test_addition_rows_are_the_runs_held_out_problems(tmp_path):
-    config = _write_run(tmp_path / "runs" / "x")
+    from rlpost.training_data import TrainingData
+
+    config, recipe = _write_run(tmp_path / "runs" / "x")
     options, max_tokens = task_options(config)
     assert options == {"max_operand": 50, "held_out_percent": 20, "reverse": False, "carry_slip": 0.5,
                        "seed": 3, "count": 300} and max_tokens == 6
@@ -156,21 +167,31 @@ def test_addition_rows_are_the_runs_held_out_problems(tmp_path):
     held = AdditionTask(50, 20, False, 0.5).held_out(300, 3)[:25]
     assert [(r["prompt"], r["reference"]) for r in rows] == [(p.prompt, p.answer) for p in held]
     assert rows[0]["verifier"] == "addition"
+    # exactly the rows the run itself evaluated as `held_out`
+    run_rows = TrainingData(recipe.data, recipe.seed).held_out(recipe.eval[0].limit).rows
+    assert [r["prompt"] for r in load_benchmark("addition", **options).rows] == [r["prompt"] for r in run_rows]
     with pytest.raises(UserError, match="held_out_prompts"):
         load_addition(max_operand=9, count=1000)
 
 
 def test_run_config_found_from_policy_paths(tmp_path):
-    config = _write_run(tmp_path / "runs" / "x")
+    config, _ = _write_run(tmp_path / "runs" / "x")
     run = config.parent
-    for policy in (run / "policy", run / "sft" / "policy", run / "checkpoints" / "step-50" / "policy"):
+    for policy in (run / "initial" / "policy", run / "sft" / "policy", run / "grpo" / "policy",
+                   run / "grpo" / "checkpoints" / "step-000050" / "policy"):
         policy.mkdir(parents=True)
         (policy / "config.json").write_text("{}")  # the model's own config is not the run's
         assert find_run_config(policy) == config.resolve()
     assert find_run_config(tmp_path / "elsewhere") is None
-    bad = _write_run(tmp_path / "runs" / "y")
-    bad.write_text(json.dumps({"task": {"max_operand": 9}}))
-    with pytest.raises(UserError, match="task.held_out_percent"):
+    dataset_run = tmp_path / "runs" / "d"
+    (dataset_run / "grpo" / "policy").mkdir(parents=True)
+    (dataset_run / "recipe.json").write_text(json.dumps({"data.source": "prompts.jsonl", "seed": 0}))
+    assert find_run_config(dataset_run / "grpo" / "policy") is None  # not a run on the built-in task
+    with pytest.raises(UserError, match="not a run on the built-in task"):
+        task_options(dataset_run / "recipe.json")
+    bad, _ = _write_run(tmp_path / "runs" / "y")
+    bad.write_text(json.dumps({"data.source": "task", "seed": 0, "data.task.max_operand": 9}))
+    with pytest.raises(UserError, match="data.task.held_out_percent"):
         task_options(bad)
 
 
@@ -221,7 +242,8 @@ def test_tiny_model_on_addition_with_vllm(tmp_path):
     assert saved["figures"]["accuracy"]["value"] == result.accuracy
     assert saved["figures"]["accuracy"]["method"] == "wilson over prompts"
     # vLLM's greedy completions equal transformers' greedy decoding of the same weights.
-    assert [s["completion"] for s in samples] == greedy_completions(model, tokenizer, [s["prompt"] for s in samples], 8)
+    prompt_ids = [tokenizer(s["prompt"], add_special_tokens=False)["input_ids"] for s in samples]
+    assert [s["completion"] for s in samples] == greedy_completions(model, tokenizer, prompt_ids, 8)
 
 
 def test_stop_strings_cut_completions_and_run_names_name_outputs(tmp_path):
@@ -232,8 +254,9 @@ def test_stop_strings_cut_completions_and_run_names_name_outputs(tmp_path):
     body = "    return a\n\ndef other():\n    pass\n"
     assert _truncate(body, STOP_STRINGS["humaneval"]) == "    return a\n"
     assert _truncate("    if x:\n        y()\n", STOP_STRINGS["humaneval"]) == "    if x:\n        y()\n"
-    config = str(_write_run(tmp_path / "runs" / "x").resolve())
-    step = tmp_path / "runs" / "x" / "checkpoints" / "step-50" / "policy"
-    assert str(_default_output_dir(str(step), "addition", config)) == "evals/x-step-50-addition"
-    assert str(_default_output_dir(str(tmp_path / "runs" / "x" / "policy"), "gsm8k", config)) == "evals/x-gsm8k"
+    config = str(_write_run(tmp_path / "runs" / "x")[0].resolve())
+    step = tmp_path / "runs" / "x" / "grpo" / "checkpoints" / "step-50" / "policy"
+    assert str(_default_output_dir(str(step), "addition", config)) == "evals/x-grpo-step-50-addition"
+    assert str(_default_output_dir(str(tmp_path / "runs" / "x" / "grpo" / "policy"), "gsm8k", config)) \
+        == "evals/x-grpo-gsm8k"
     assert str(_default_output_dir(str(tmp_path / "m1"), "gsm8k", None)) == "evals/m1-gsm8k"

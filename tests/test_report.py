@@ -1,12 +1,14 @@
-"""Run reporting: the JSONL log, TensorBoard scalars (read back), the PNG plot, the summary and its text."""
+"""Run reporting: the JSONL log, TensorBoard scalars (read back), the PNG plot, an RL stage's record,
+and the pipeline's summary (gains and interval overlaps) and its text."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from rlpost.report import JsonlLog, MetricsLog, format_report, plot_training, summarize_rl_run
+from rlpost.report import JsonlLog, MetricsLog, plot_training, rl_stage_figures
 
 
 def scalars(tensorboard_dir) -> dict[str, list[tuple[int, float]]]:
@@ -67,52 +69,113 @@ def test_plot_training_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-SFT = {"best_val_accuracy": 0.55, "best_epoch": 3, "epochs_run": 6, "demonstration_accuracy": 0.4, "history": []}
-
-
-def write_metrics(run_dir, with_start_eval: bool) -> None:
+def write_metrics(run_dir) -> None:
     log = JsonlLog(run_dir / "metrics.jsonl")
-    if with_start_eval:
-        log.append({"step": 0, "eval/accuracy": 0.5, "eval/accuracy_low": 0.4, "eval/accuracy_high": 0.6})
+    log.append({"step": 0, "eval/accuracy": 0.5, "eval/accuracy_low": 0.4, "eval/accuracy_high": 0.6})
     log.append({"step": 1, "rollout/tokens_per_s": 100.0, "learner/samples_per_s": 10.0, "sync/reload_s": 0.1,
-                "rollout/logprob_mismatch_max": 1e-6})
+                "rollout/logprob_mismatch_max": 1e-6, "train/masked_samples": 3.0})
     log.append({"step": 2, "rollout/tokens_per_s": 300.0, "learner/samples_per_s": 30.0, "sync/reload_s": 0.3,
-                "rollout/logprob_mismatch_max": 3e-6})
+                "rollout/logprob_mismatch_max": 3e-6, "sync/logprob_mismatch_max": 5e-6,
+                "train/masked_samples": 4.0})
     log.append({"step": 2, "eval/accuracy": 0.62, "eval/accuracy_low": 0.5, "eval/accuracy_high": 0.7})
 
 
-def rl_record(low: float) -> dict:
-    return {"final_eval": {"accuracy": 0.7, "low": low, "high": 0.75, "n": 1000, "method": "greedy"},
-            "rl_wall_s": 50.0, "staleness": {"dropped": 1}, "state": {"step": 2, "samples_trained": 256}}
+LOOP_FIGURES = {"start_step": 0, "engine_startup_s": 7.0, "rl_wall_s": 50.0,
+                "staleness": {"fresh": 200, "corrected": 56, "dropped": 1, "max_seen": 1},
+                "state": {"step": 2, "samples_trained": 256, "next_prompt_index": 16, "staleness": {}}}
 
 
-def test_summary_and_report_from_a_synthetic_run(tmp_path):
-    write_metrics(tmp_path, with_start_eval=True)
-    summary = summarize_rl_run(tmp_path, SFT, rl_record(low=0.65), {"sft_s": 12.0, "rl_s": 60.0})
-    held = summary["held_out"]
-    assert held["sft"] == {"accuracy": 0.5, "low": 0.4, "high": 0.6}
-    assert held["gain_points"] == pytest.approx(20.0)  # 100 * (0.7 - 0.5)
-    assert held["intervals_overlap"] is False  # RL low 0.65 > SFT high 0.6
-    assert summary["generation_tokens_per_s"] == pytest.approx(200.0)  # mean of 100 and 300
-    assert summary["learner_samples_per_s"] == pytest.approx(20.0)
-    assert summary["weight_sync_reload_s_mean"] == pytest.approx(0.2)
-    assert summary["logprob_mismatch_max"] == 3e-6
-    assert summary["wall_s"] == {"sft_s": 12.0, "rl_s": 60.0, "rl_loop_s": 50.0}
-    assert (summary["steps"], summary["samples_trained"]) == (2, 256)
+def test_rl_stage_record_from_a_synthetic_run(tmp_path):
+    write_metrics(tmp_path)
+    record = rl_stage_figures(tmp_path, LOOP_FIGURES)
+    assert (record["steps"], record["samples_trained"]) == (2, 256)
+    assert record["staleness"] == {"fresh": 200, "corrected": 56, "dropped": 1, "max_seen": 1}
+    assert record["rl_loop_s"] == 50.0 and record["engine_startup_s"] == 7.0
+    assert record["generation_tokens_per_s"] == pytest.approx(200.0)  # mean of 100 and 300
+    assert record["learner_samples_per_s"] == pytest.approx(20.0)
+    assert record["weight_sync_reload_s_mean"] == pytest.approx(0.2)
+    assert record["logprob_mismatch_max"] == 5e-6  # the largest of the learner's and the probe's
+    assert record["masked_samples"] == 7  # 3 + 4
+    json.dumps(record)  # it goes into stage.json and summary.json
+
+
+def test_rl_stage_record_without_metrics(tmp_path):
+    record = rl_stage_figures(tmp_path, {"state": {"step": 0, "samples_trained": 0}})
+    assert (record["steps"], record["samples_trained"], record["masked_samples"]) == (0, 0, 0)
+    for key in ("generation_tokens_per_s", "learner_samples_per_s", "weight_sync_reload_s_mean",
+                "logprob_mismatch_max", "staleness", "rl_loop_s"):
+        assert record[key] is None, key
+
+
+def _point(accuracy: float, low: float, high: float, n: int = 1000) -> dict:
+    return {"accuracy": accuracy, "low": low, "high": high, "n": n, "method": "wilson", "figures": {}}
+
+
+def _recipe():
+    from rlpost.recipe import EvalSpec
+
+    return SimpleNamespace(source="recipes/mine.yaml", seed=3,
+                           eval=[EvalSpec(benchmark="held_out"), EvalSpec(benchmark="gsm8k", name="math")])
+
+
+EVALUATIONS = {
+    "initial": {"held_out": _point(0.10, 0.05, 0.15), "math": _point(0.30, 0.20, 0.40, n=200)},
+    "sft": {"held_out": _point(0.50, 0.40, 0.60), "math": _point(0.35, 0.25, 0.45, n=200)},
+    "grpo": {"held_out": _point(0.70, 0.65, 0.75), "math": _point(0.475, 0.45, 0.50, n=200)},
+}
+RECORDS = {"sft": {"type": "sft", "best_val_accuracy": 0.55, "epochs_run": 6, "history": [[1, 0.5]]},
+           "grpo": {"type": "grpo", "steps": 2, "samples_trained": 256, "staleness": {"dropped": 1},
+                    "logprob_mismatch_max": 3e-6}}
+
+
+def test_summary_gains_and_interval_overlap_by_hand(tmp_path):
+    from rlpost.pipeline import summarize
+
+    summary = summarize(_recipe(), tmp_path, RECORDS, EVALUATIONS, ["initial", "sft", "grpo"])
     json.dumps(summary)  # summary.json must be serialisable
+    assert (summary["recipe"], summary["seed"], summary["run_dir"]) == ("recipes/mine.yaml", 3, str(tmp_path))
+    assert summary["points"] == ["initial", "sft", "grpo"]
+    held = summary["evaluations"]["held_out"]
+    assert held["points"]["sft"] == {"accuracy": 0.50, "low": 0.40, "high": 0.60, "n": 1000}
+    assert held["interval"] == "95%" and list(held["gains"]) == ["sft", "grpo"]  # no gain for the start
+    assert held["gains"]["sft"]["gain_points"] == pytest.approx(40.0)  # 100 * (0.5 - 0.1)
+    assert held["gains"]["sft"]["intervals_overlap"] is False  # sft low 0.40 > initial high 0.15
+    assert held["gains"]["grpo"]["gain_points"] == pytest.approx(20.0)  # 100 * (0.7 - 0.5)
+    assert held["gains"]["grpo"]["intervals_overlap"] is False  # grpo low 0.65 > sft high 0.60
+    math = summary["evaluations"]["math"]
+    assert math["gains"]["sft"]["gain_points"] == pytest.approx(5.0)
+    assert math["gains"]["sft"]["intervals_overlap"] is True  # [0.25, 0.45] and [0.20, 0.40]
+    assert math["gains"]["grpo"]["gain_points"] == pytest.approx(12.5)  # 100 * (0.475 - 0.35)
+    assert math["gains"]["grpo"]["intervals_overlap"] is True  # [0.45, 0.50] touches [0.25, 0.45]
+    assert "history" not in summary["stages"]["sft"] and summary["stages"]["sft"]["epochs_run"] == 6
+    assert summary["stages"]["grpo"] == RECORDS["grpo"]
 
-    text = format_report(summary)
-    for piece in ("n=1000", "SFT checkpoint  50.0% [40.0, 60.0]", "RL policy       70.0% [65.0, 75.0]",
-                  "+20.0 points", "intervals overlap: False", "generation 200 tokens/s", "learner 20 samples/s",
-                  "weight sync 0.200 s", "3.0e-06", "steps 2, samples trained 256"):
+
+def test_summary_intervals_that_do_not_touch(tmp_path):
+    from rlpost.pipeline import summarize
+
+    evaluations = {"initial": {"held_out": _point(0.50, 0.40, 0.60), "math": _point(0.3, 0.2, 0.4)},
+                   "sft": {"held_out": _point(0.20, 0.10, 0.3999), "math": _point(0.3, 0.2, 0.4)}}
+    summary = summarize(_recipe(), tmp_path, {"sft": RECORDS["sft"]}, evaluations, ["initial", "sft"])
+    gain = summary["evaluations"]["held_out"]["gains"]["sft"]
+    assert gain["gain_points"] == pytest.approx(-30.0)
+    assert gain["intervals_overlap"] is False  # initial low 0.40 > sft high 0.3999: a drop, no overlap
+
+
+def test_format_report_shows_every_point_gain_and_stage(tmp_path):
+    from rlpost.pipeline import format_report, summarize
+
+    text = format_report(summarize(_recipe(), tmp_path, RECORDS, EVALUATIONS, ["initial", "sft", "grpo"]))
+    lines = text.splitlines()
+    assert "held_out (95% intervals):" in lines and "math (95% intervals):" in lines
+    initial = next(line for line in lines if "initial" in line and "10.0%" in line)
+    assert "[5.0, 15.0]" in initial and "n=1000" in initial and "points" not in initial
+    for piece in ("50.0% [40.0, 60.0]  n=1000  +40.0 points, intervals overlap: False",
+                  "70.0% [65.0, 75.0]  n=1000  +20.0 points, intervals overlap: False",
+                  "35.0% [25.0, 45.0]  n=200  +5.0 points, intervals overlap: True",
+                  "47.5% [45.0, 50.0]  n=200  +12.5 points, intervals overlap: True"):
         assert piece in text, piece
-
-    overlapping = summarize_rl_run(tmp_path, SFT, rl_record(low=0.58), {})
-    assert overlapping["held_out"]["intervals_overlap"] is True
-
-
-def test_summary_without_a_starting_evaluation(tmp_path):
-    write_metrics(tmp_path, with_start_eval=False)
-    summary = summarize_rl_run(tmp_path, SFT, rl_record(low=0.65), {})
-    assert summary["held_out"]["sft"] is None and summary["held_out"]["gain_points"] is None
-    assert "SFT checkpoint  n/a" in format_report(summary)
+    sft = next(line for line in lines if line.startswith("stage sft (sft):"))
+    assert "best_val_accuracy 0.55" in sft and "epochs_run 6" in sft and "history" not in sft
+    grpo = next(line for line in lines if line.startswith("stage grpo (grpo):"))
+    assert "steps 2" in grpo and "samples_trained 256" in grpo and "3e-06" in grpo

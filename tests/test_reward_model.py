@@ -24,6 +24,7 @@ from rlpost.modeling import ModelShape, build_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = ModelShape(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                    max_positions=64)
+SIZES = {k: v for k, v in asdict(SHAPE).items() if k != "attention_dropout"}  # the reward model has none
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +39,7 @@ def one_thread():
 def rm_dir(tmp_path_factory) -> Path:
     """A saved, randomly initialised tiny reward model (its scores are arbitrary but fixed)."""
     tokenizer = build_tokenizer()
-    model = build_reward_model(tokenizer, **asdict(SHAPE), seed=3)
+    model = build_reward_model(tokenizer, **SIZES, seed=3)
     directory = tmp_path_factory.mktemp("rm")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -59,7 +60,7 @@ def head_on_last_token(model_dir: Path, text: str) -> float:
 
 def test_builder_makes_a_scalar_head_with_pad_id():
     tokenizer = build_tokenizer()
-    model = build_reward_model(tokenizer, **asdict(SHAPE), seed=0)
+    model = build_reward_model(tokenizer, **SIZES, seed=0)
     assert model.config.num_labels == 1
     assert model.config.pad_token_id == tokenizer.pad_token_id
     logits = model(**tokenizer(["1+2=3", "4+5=9"], return_tensors="pt")).logits

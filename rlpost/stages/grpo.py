@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from rlpost.config import setting
 from rlpost.errors import UserError
+from rlpost.recipe import where
 
 
 @dataclass
@@ -40,37 +41,36 @@ class GRPOStage:
 def check_grpo(cfg: GRPOStage, recipe, name: str) -> None:
     from rewards.registry import parse_reward_specs, resolve
 
-    src = recipe.source
     for key in ("max_steps", "save_steps", "eval_steps", "prompts_per_step", "max_completion_length",
                 "reward_workers"):
         if getattr(cfg, key) < 1:
-            raise UserError(f"{src}: key '{name}.{key}' must be >= 1, got {getattr(cfg, key)}")
+            raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' must be >= 1, got {getattr(cfg, key)}")
     if cfg.max_staleness < 0:
-        raise UserError(f"{src}: key '{name}.max_staleness' must be >= 0 (0 = synchronous), got {cfg.max_staleness}")
+        raise UserError(f"{where(recipe, f'{name}.max_staleness')}: key '{name}.max_staleness' must be >= 0 (0 = synchronous), got {cfg.max_staleness}")
     if cfg.num_generations < 2:
-        raise UserError(f"{src}: key '{name}.num_generations' must be >= 2: a group of one sample has no "
+        raise UserError(f"{where(recipe, f'{name}.num_generations')}: key '{name}.num_generations' must be >= 2: a group of one sample has no "
                         f"baseline, so every advantage is 0")
     if cfg.temperature <= 0:
-        raise UserError(f"{src}: key '{name}.temperature' must be > 0: greedy rollouts give identical samples "
+        raise UserError(f"{where(recipe, f'{name}.temperature')}: key '{name}.temperature' must be > 0: greedy rollouts give identical samples "
                         f"and no learning signal")
     if cfg.learning_rate <= 0 or cfg.beta < 0 or cfg.epsilon <= 0 or cfg.vllm_importance_sampling_cap < 1:
-        raise UserError(f"{src}: stage '{name}' needs learning_rate > 0, beta >= 0, epsilon > 0 and "
+        raise UserError(f"{where(recipe, name)}: stage '{name}' needs learning_rate > 0, beta >= 0, epsilon > 0 and "
                         f"vllm_importance_sampling_cap >= 1")
     try:
         for spec in parse_reward_specs(cfg.rewards):
             resolve(spec.name)
     except UserError as exc:
-        raise UserError(f"{src}: key '{name}.rewards': {exc}") from None
+        raise UserError(f"{where(recipe, f'{name}.rewards')}: key '{name}.rewards': {exc}") from None
     if recipe.data.source == "task":
         from rlpost.training_data import TrainingData
 
         pool = TrainingData(recipe.data, recipe.seed).pool_size()
         if cfg.prompts_per_step > pool:
-            raise UserError(f"{src}: key '{name}.prompts_per_step' is {cfg.prompts_per_step} but the task has "
+            raise UserError(f"{where(recipe, f'{name}.prompts_per_step')}: key '{name}.prompts_per_step' is {cfg.prompts_per_step} but the task has "
                             f"{pool} training prompts")
     limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
     if limit and cfg.max_completion_length >= limit:
-        raise UserError(f"{src}: '{name}.max_completion_length' ({cfg.max_completion_length}) leaves no room for "
+        raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' ({cfg.max_completion_length}) leaves no room for "
                         f"a prompt within max_model_len {limit}; raise model.max_model_len or lower it")
 
 

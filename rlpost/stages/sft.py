@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from rlpost.config import setting
 from rlpost.errors import UserError
+from rlpost.recipe import where
 
 log = logging.getLogger("rlpost.sft")
 
@@ -40,20 +41,19 @@ class SFTStage:
 
 
 def check_sft(cfg: SFTStage, recipe, name: str) -> None:
-    src = recipe.source
     for key in ("per_device_train_batch_size", "num_train_epochs", "validation_prompts", "eval_every_epochs",
                 "patience", "max_tokens"):
         if getattr(cfg, key) < 1:
-            raise UserError(f"{src}: key '{name}.{key}' must be >= 1, got {getattr(cfg, key)}")
+            raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' must be >= 1, got {getattr(cfg, key)}")
     if cfg.learning_rate <= 0:
-        raise UserError(f"{src}: key '{name}.learning_rate' must be > 0, got {cfg.learning_rate}")
+        raise UserError(f"{where(recipe, f'{name}.learning_rate')}: key '{name}.learning_rate' must be > 0, got {cfg.learning_rate}")
     if recipe.data.source == "task":
         from rlpost.training_data import TrainingData
 
         pool = TrainingData(recipe.data, recipe.seed).pool_size()
         wanted = (cfg.demonstrations or 0) + cfg.validation_prompts
         if not cfg.demonstrations or wanted > pool:
-            raise UserError(f"{src}: '{name}.demonstrations' + '{name}.validation_prompts' = {wanted} but the task "
+            raise UserError(f"{where(recipe, f'{name}.demonstrations')}: '{name}.demonstrations' + '{name}.validation_prompts' = {wanted} but the task "
                             f"has {pool} training prompts; lower them")
 
 
