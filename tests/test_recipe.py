@@ -39,7 +39,7 @@ def test_quickstart_recipe_loads_with_its_values():
     assert recipe.model.build.max_positions == 64
     assert recipe.data.source == "task" and recipe.data.task.held_out_percent == 12  # not the default 10
     assert [(e.benchmark, e.limit, e.label) for e in recipe.eval] == [("held_out", 1000, "held_out")]
-    assert (recipe.sft.learning_rate, recipe.sft.demonstrations, recipe.sft.patience) == (1e-3, 8000, 3)
+    assert (recipe.sft.learning_rate, recipe.sft.demonstrations, recipe.sft.patience) == (1e-3, 8000, 4)
     assert (recipe.grpo.max_steps, recipe.grpo.num_generations, recipe.grpo.prompts_per_step) == (100, 16, 8)
     assert recipe.grpo.rewards == ["arithmetic_exact"]
 
