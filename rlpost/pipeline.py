@@ -36,7 +36,8 @@ def run_recipe(recipe: Any) -> dict:
     _check_same_recipe(run_dir, recipe)
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
-        print(f"run {run_dir} is complete (delete {run_dir / 'summary.json'} to re-evaluate); its report:")
+        print(f"run {run_dir} is complete; its report (delete {run_dir / 'evals'} and {run_dir / 'summary.json'} "
+              f"to evaluate again, or pass a new run_dir=... to train again):")
         print(format_report(summary))
         return summary
     import torch

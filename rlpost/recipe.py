@@ -115,8 +115,8 @@ class StageEntry:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Any:
-    """Read, override and validate the recipe at `path`; returns the recipe dataclass instance,
-    with `.stage_entries` (ordered stage names and types) and `.source` (the file) attached."""
+    """Read, override and validate the recipe at `path`; returns the recipe dataclass instance, with
+    `.stage_entries` (ordered stage names and types), `.source` (the file) and `.overrides` attached."""
     from rlpost.stages import STAGES
 
     raw = read_yaml(path)
@@ -125,9 +125,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Any:
     for override in overrides:
         _check_stage_override(override, entries, STAGES)
     recipe = build_config(cls, flat, str(path), overrides)
-    object.__setattr__(recipe, "stage_entries", entries)
-    object.__setattr__(recipe, "source", str(path))
-    object.__setattr__(recipe, "overrides", list(overrides))
+    recipe.stage_entries, recipe.source, recipe.overrides = entries, str(path), list(overrides)
     check_relations(recipe)
     return recipe
 
