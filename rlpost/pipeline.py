@@ -14,7 +14,7 @@ stage resumes from its newest checkpoint. A finished run's command says so and p
 from __future__ import annotations
 
 import json
-import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ from typing import Any
 from rlpost.errors import UserError
 from rlpost.recipe import changed_keys, flat_settings
 
-log = logging.getLogger("rlpost.pipeline")
 _FREE_KEYS = ("run_dir",)  # may differ between the first run and a resume
 
 
@@ -46,7 +45,7 @@ def run_recipe(recipe: Any) -> dict:
     data = TrainingData(recipe.data, recipe.seed)
     device = resolve_device(recipe.model.device)
     policy = initial_policy(recipe, run_dir)
-    points = [("initial", policy)]
+    points = ["initial"]
     records: dict[str, dict] = {}
     evaluations = {"initial": evaluate_point(recipe, data, policy, run_dir, "initial")}
     for entry in recipe.stage_entries:
@@ -63,13 +62,13 @@ def run_recipe(recipe: Any) -> dict:
             start = time.perf_counter()
             record = STAGES[entry.type].run(getattr(recipe, entry.name), ctx)
             record = {"type": entry.type, "wall_s": time.perf_counter() - start, **record}
-            done.write_text(json.dumps(record, indent=2, default=str))
+            write_json(done, record)
             records[entry.name] = record
         policy = out_dir / "policy"
-        points.append((entry.name, policy))
+        points.append(entry.name)
         evaluations[entry.name] = evaluate_point(recipe, data, policy, run_dir, entry.name)
-    summary = summarize(recipe, run_dir, records, evaluations, [p for p, _ in points])
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary = summarize(recipe, run_dir, records, evaluations, points)
+    write_json(run_dir / "summary.json", summary)
     plot(run_dir, summary)
     print(format_report(summary))
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir})")
@@ -156,8 +155,7 @@ def evaluate_point(recipe: Any, data: Any, policy: Path, run_dir: Path, point: s
         results[spec.label] = _evaluate(recipe, data, spec, policy)
         r = results[spec.label]
         print(f"eval {point:>10} {spec.label}: {100 * r['accuracy']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str))
+    write_json(path, results)
     return results
 
 
@@ -272,4 +270,13 @@ def _check_same_recipe(run_dir: Path, recipe: Any) -> None:
             raise UserError(f"{run_dir} holds a run of a different recipe: changed {shown}; "
                             f"use a new run_dir=... or restore those settings")
         return
-    path.write_text(json.dumps(settings, indent=2, default=str))
+    write_json(path, settings)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (temporary file, then rename): a run killed mid-write leaves no half file,
+    so the markers that tell a rerun what is done (stage.json, evals/, summary.json) are whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
