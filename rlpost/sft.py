@@ -9,6 +9,7 @@ what its demonstrations can teach before RL starts.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 log = logging.getLogger("rlpost.sft")
+_STOPPING_STATE = "early_stopping.json"
+_BEST_WEIGHTS = "best_model.safetensors"
 
 
 @dataclass
@@ -50,13 +54,50 @@ def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
 
 
 class EarlyStopping(TrainerCallback):
-    """Evaluate every `every` epochs; keep the best weights; stop after `patience` evaluations without gain."""
+    """Evaluate every `every` epochs; keep the best weights; stop after `patience` evaluations without gain.
+
+    Its state (history, best, the best weights) is written into every trainer checkpoint (`on_save`)
+    and read back by `restore`, so an SFT stage killed mid-way resumes with the same stopping
+    decision it would have made uninterrupted."""
 
     def __init__(self, evaluate, every: int, patience: int, progress=None):
         self.evaluate, self.every, self.patience, self.progress = evaluate, every, patience, progress
         self.best_accuracy, self.best_epoch, self.best_state = -1.0, 0, None
         self.history: list[tuple[int, float]] = []
         self._since_best = 0
+
+    @property
+    def done(self) -> bool:
+        return self._since_best >= self.patience
+
+    def on_save(self, args, state, control, **kwargs):
+        from safetensors.torch import save_file
+
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        record = {"best_accuracy": self.best_accuracy, "best_epoch": self.best_epoch,
+                  "history": self.history, "since_best": self._since_best}
+        (directory / _STOPPING_STATE).write_text(json.dumps(record))
+        if self.best_state is not None:  # cloned one by one: tied weights must not share storage on disk
+            save_file({k: v.detach().clone().contiguous() for k, v in self.best_state.items()},
+                      str(directory / _BEST_WEIGHTS))
+        return control
+
+    def restore(self, checkpoint: Path, model) -> None:
+        """Continue from the state `on_save` wrote into `checkpoint` (missing file: nothing to restore)."""
+        from safetensors.torch import load_file
+
+        path = Path(checkpoint) / _STOPPING_STATE
+        if not path.exists():
+            return
+        record = json.loads(path.read_text())
+        self.best_accuracy, self.best_epoch = record["best_accuracy"], record["best_epoch"]
+        self.history = [tuple(h) for h in record["history"]]
+        self._since_best = record["since_best"]
+        if (Path(checkpoint) / _BEST_WEIGHTS).exists():
+            best = load_file(str(Path(checkpoint) / _BEST_WEIGHTS))
+            self.best_state = {k: best.get(k, v) for k, v in model.state_dict().items()}
+        if self.progress is not None:
+            self.progress.update(self.history[-1][0] if self.history else 0)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = round(state.epoch)
@@ -83,6 +124,7 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
     """Train `model` in place on tokenized rows `{input_ids, completion_mask}` (loss on completion
     tokens only); with `validate(model) -> accuracy`, keep the best-validation weights and stop on the
     plateau (`cfg.patience` validations without a new best); without it, train `num_train_epochs`.
+    A checkpoint in `out_dir` from a killed run is resumed (TRL/transformers' own resume).
 
     `cfg` carries TRL SFTConfig's `learning_rate`, `per_device_train_batch_size`, `num_train_epochs`,
     `warmup_steps`, `lr_scheduler_type`, plus `eval_every_epochs` and `patience`.
@@ -99,7 +141,8 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
         warmup_steps=cfg.warmup_steps,
         num_train_epochs=cfg.num_train_epochs,
         logging_steps=10**9,
-        save_strategy="no",
+        save_strategy="epoch",  # a killed stage resumes from its last epoch (see EarlyStopping.on_save)
+        save_total_limit=1,
         report_to=[],
         seed=seed,
         max_length=None,
@@ -119,7 +162,13 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
             callbacks.append(stopper)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=callbacks)
-        trainer.train()
+        last = get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+        if last is not None:
+            log.info("resuming SFT from %s", last)
+            if stopper is not None:
+                stopper.restore(Path(last), model)
+        if stopper is None or not stopper.done:
+            trainer.train(resume_from_checkpoint=last)
     if stopper is None:
         return SFTResult(best_accuracy=float("nan"), best_epoch=cfg.num_train_epochs,
                          epochs_run=cfg.num_train_epochs, wall_s=time.perf_counter() - start)
