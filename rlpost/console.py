@@ -4,7 +4,8 @@ Known-harmless library notices are silenced here, each named: TRL's notice that 
 is outside its tested range; Triton's "no GPU" notice and vLLM's CPU-backend advice (tcmalloc,
 thread binding) on CPU machines; vLLM's "ParallelLMHead: Failed to load weights" at every in-place
 reload of a model with tied embeddings (the head is the embedding; logprob parity is checked
-separately); a `torch.distributed.reduce_op` deprecation inside vLLM; and per-file progress bars
+separately); its C++ NUMA memory-binding notice; a `torch.distributed.reduce_op` deprecation inside
+vLLM; and per-file progress bars
 of weight saving and dataset tokenization, which would print at every checkpoint. vLLM logs at
 ERROR, so its real failures still show; everything else reaches the console.
 """
@@ -28,6 +29,7 @@ def quiet_known_warnings() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # inherited by the rollout worker process
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # vLLM's CPU worker: NUMA binding notice (C++)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning:vllm.triton_utils.dispatcher")
     for pattern in _HARMLESS:
         warnings.filterwarnings("ignore", message=pattern)

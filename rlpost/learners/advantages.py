@@ -61,8 +61,9 @@ def truncated_importance_weights(
         w_t = 0                                                              on padding.
 
     pi_sampler is the policy version that generated the sample (vLLM's sampling logprobs) and
-    pi_learner the learner's policy before this update. TRL's GRPO loss multiplies each token's
-    loss by w_t (its `importance_sampling_ratio` input).
+    pi_learner the learner's policy before the batch's first update (pi_old): the weights stay
+    fixed over all the optimiser steps of a batch (`num_iterations` x `steps_per_generation`).
+    TRL's GRPO loss multiplies each token's loss by w_t (its `importance_sampling_ratio` input).
     """
     ratio = torch.exp(learner_logps - sampling_logps).clamp(max=cap)
     return ratio * mask

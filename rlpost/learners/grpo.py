@@ -3,13 +3,41 @@
 TRL's `GRPOTrainer` generates its own samples; here generation happens elsewhere (the rollout
 worker), so this learner builds the trainer only for its loss (`GRPOTrainer.compute_loss`: clipped
 surrogate, optional KL to a reference, loss-type normalisation, TRL's vLLM importance-sampling
-correction) and drives the optimisation step itself. The objective per token t of completion i:
+correction) and drives the optimisation steps itself.
 
-    ratio_{i,t} = pi_theta(y_t) / pi_old(y_t)
-    loss_{i,t}  = -min(ratio * A_i, clip(ratio, 1-eps_low, 1+eps_high) * A_i) * w_{i,t} + beta * KL_{i,t}
+One rollout batch, several optimiser steps (TRL's `num_iterations` = mu and `steps_per_generation`
+= S). `step(groups)` trains on one rollout batch of G groups. Fixed for the whole batch, computed
+once in `build_inputs` with the weights theta_0 held *before* the batch's first update:
 
-with A_i the group advantage (`advantages.group_advantages`) and w the truncated importance weight
-of the sampler (`advantages.truncated_importance_weights`), aggregated per TRL's `loss_type`.
+    pi_old = pi_{theta_0}                          (`old_per_token_logps`)
+    A_i    = group advantage over the full groups  (`advantages.group_advantages`)
+    w_{i,t} = min(pi_old(y_t) / pi_sampler(y_t), cap)   sampler importance weight
+              (`advantages.truncated_importance_weights`; pi_sampler: vLLM's sampling logprobs)
+    pi_ref logprobs (beta > 0) and `num_items_in_batch` (tokens of the whole batch)
+
+Then for each of the mu passes, for each of the S mini-batches (G/S whole groups each, in batch
+order, the same split every pass), one optimiser step on TRL's loss with the current weights theta:
+
+    token level ("token"):      r_{i,t} = pi_theta(y_t) / pi_old(y_t)
+    sequence level ("sequence", GSPO):
+                                r_i = exp( (1/|m_i|) sum_t m_{i,t} log(pi_theta(y_t) / pi_old(y_t)) )
+                                (the geometric mean of the token ratios, one per completion)
+    loss_{i,t} = -min(r * A_i, clip(r, 1 - eps_low, 1 + eps_high) * A_i) * w_{i,t} + beta * KL_{i,t}
+
+with eps_low = `epsilon`, eps_high = `epsilon_high` (None: = epsilon; DAPO's asymmetric clip when
+larger), aggregated per TRL's `loss_type`. So the first step of a batch sees r = 1 exactly (the clip
+cannot bind, its gradient is the plain policy gradient A * w * grad log pi); every later step (the
+second mini-batch, the second pass) sees r != 1 and the clip stops a token (or a sequence) from
+being pushed further once r leaves [1 - eps_low, 1 + eps_high] in the direction of its advantage.
+TRL counts those as `clip_ratio/low_mean` (r < 1 - eps_low, A < 0), `clip_ratio/high_mean`
+(r > 1 + eps_high, A > 0) and `clip_ratio/region_mean` (either), token means over the mini-batch
+(sequence means at sequence level); `step` reports each TRL metric as `train/<name>` averaged over
+the batch's optimiser steps, and `train/optimizer_steps`. Other loss types: "cispo" weights
+-A * log pi_theta by the detached clamp(r, max=epsilon_high) (an absolute cap, TRL recommends 5.0);
+"sapo" replaces the clip by the soft gate sigmoid(tau * (r - 1)) * 4 / tau; "luspo" (sequence level)
+sums each completion's terms instead of averaging them. "dapo" and "cispo" normalise each
+mini-batch by num_items_in_batch / S (TRL reads `args.steps_per_generation`). With mu = S = 1 this
+is a single step with r = 1, exactly the learner's behaviour before these settings existed.
 
 KL to the reference (beta > 0). The reference pi_ref is a frozen copy of the stage's starting
 policy, passed as `reference_model`; its logprobs are computed once per batch, without gradient,
@@ -18,7 +46,9 @@ uses Schulman's k3 estimator of KL(pi_theta || pi_ref) from samples of pi_theta:
 
     KL_{i,t} = exp(d_{i,t}) - d_{i,t} - 1   (>= 0, exactly 0 where pi_theta = pi_ref)
 
-and aggregates beta * KL like the rest of the per-token loss: for loss_type "grpo" the KL part of
+multiplied by the ratio r (TRL's `use_bias_correction_kl`, on by default: r = 1 in value on a
+batch's first step, where it changes only the gradient; the logged `kl` includes the factor), and
+aggregates beta * KL like the rest of the per-token loss: for loss_type "grpo" the KL part of
 the loss is beta * (1/B) sum_i (1/|m_i|) sum_t m_{i,t} KL_{i,t}; for "bnpo"/"dapo" it is
 beta * sum_{i,t} m KL / sum_{i,t} m. TRL logs the token mean sum m KL / sum m as `train/kl`.
 TRL would build its own reference by reloading the policy's `name_or_path` (wrong after a resume,
@@ -31,8 +61,9 @@ mean and std, its advantage is 0 and its completion-mask row is zeroed, so neith
 nor its KL term reaches the loss or the gradient. A group with fewer than 2 valid samples has no
 baseline and contributes nothing (all its rows are zeroed). As with TRL's own zeroed rows
 (`mask_truncated_completions`), a zeroed row still counts in the batch size B of the per-sequence
-loss types ("grpo", "dr_grpo"). When no row of the batch is trainable the optimiser step is skipped
-(parameters and optimiser state untouched) and `train/skipped_step` is 1.
+loss types ("grpo", "dr_grpo"). A mini-batch with no trainable row gets no optimiser step; when no
+row of the whole batch is trainable no step is taken at all (parameters and optimiser state
+untouched) and `train/skipped_step` is 1.
 
 Dropout. The policy's and the reference's dropout is switched off (`disable_dropout`): logprobs
 must be deterministic for the sampler/learner parity and the importance ratios.
@@ -51,12 +82,40 @@ from rlpost.learners.advantages import group_advantages, truncated_importance_we
 from rollouts.buffer import RolloutGroup
 
 
+# The `loss_type`s of TRL 1.16's `_compute_loss` that this learner can feed, and the importance
+# sampling level each may use. TRL's "vespo" is left out: it folds the sampler weights into its
+# sequence weight as an unmasked sum of log(importance_sampling_ratio) over all T positions, which
+# our weights (0 on padding) turn into log(1e-8) per padding token, and TRL validates its sampler
+# mode only in __init__, which this learner bypasses (see `GRPOLearner.__init__`).
+# Sequence level (GSPO) only with the per-sequence objectives: TRL warns that "bnpo", "dr_grpo",
+# "dapo" and "cispo" sum token terms, weighting each sequence by its length; "luspo" needs it.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SEQUENCE_LEVEL_LOSS_TYPES = ("grpo", "sapo", "luspo")
+TOKEN_LEVEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+def loss_level_conflict(loss_type: str, importance_sampling_level: str) -> str | None:
+    """Why TRL 1.16 rejects (or warns about) this pairing, or None when it is fine."""
+    if importance_sampling_level == "sequence" and loss_type not in SEQUENCE_LEVEL_LOSS_TYPES:
+        return (f"loss_type '{loss_type}' sums per-token terms, which weights each sequence by its length instead "
+                f"of optimising the per-sequence (GSPO) objective; use loss_type "
+                f"{', '.join(SEQUENCE_LEVEL_LOSS_TYPES)} or importance_sampling_level 'token'")
+    if importance_sampling_level == "token" and loss_type not in TOKEN_LEVEL_LOSS_TYPES:
+        return (f"loss_type '{loss_type}' is a sequence-level loss and needs importance_sampling_level 'sequence'")
+    return None
+
+
 @dataclass
 class LearnerSettings:
     learning_rate: float = 1e-4
     beta: float = 0.0
     loss_type: str = "grpo"
     epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: = epsilon (symmetric clip); for "cispo" the cap on the ratio
+    importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
+    num_iterations: int = 1  # optimisation passes over each rollout batch (TRL's mu)
+    steps_per_generation: int = 1  # mini-batches per rollout batch, one optimiser step each
     max_grad_norm: float = 1.0
     importance_cap: float = 2.0
     scale_rewards: str = "group"
@@ -143,6 +202,37 @@ def _k3_kl(sampler_logps: torch.Tensor, learner_logps: torch.Tensor) -> torch.Te
     return torch.exp(log_r) - 1 - log_r
 
 
+def split_by_groups(inputs: dict, group_size: int, parts: int) -> list[dict]:
+    """`inputs` (from `build_inputs`) cut along the batch into `parts` mini-batches of whole groups.
+
+    Every tensor whose first dimension is the batch (B = groups x group_size) is sliced: rows
+    [k * B/parts, (k+1) * B/parts) for mini-batch k, so group boundaries are kept and each row keeps
+    the values computed on the full batch (advantages, pi_old, sampler weights, reference logprobs).
+    Scalars, `num_items_in_batch` among them, are shared: TRL's "dapo"/"cispo" normalisation expects
+    the whole batch's token count (and divides it by `steps_per_generation`). Padding columns are
+    kept, so a row's tensors are the same in every mini-batch it could be in."""
+    batch = inputs["completion_ids"].size(0)
+    if batch % group_size:
+        raise ValueError(f"a batch of {batch} rows is not made of groups of {group_size}")
+    groups = batch // group_size
+    if parts < 1 or groups % parts:
+        raise ValueError(f"{groups} groups do not split into {parts} mini-batches of whole groups "
+                         f"(steps_per_generation must divide the groups per batch)")
+    rows = batch // parts
+    out = []
+    for k in range(parts):
+        out.append({key: value[k * rows:(k + 1) * rows]
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == batch else value
+                    for key, value in inputs.items()})
+    return out
+
+
+def _mean_finite(values: list[float]) -> float:
+    """Mean of the non-NaN values (as TRL's `log` averages its metrics); NaN when there is none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(values[mask].mean()) if mask.any() else float("nan")
 
@@ -158,7 +248,8 @@ def _has_reward(reward) -> bool:
 
 
 class GRPOLearner:
-    """Owns the policy model and its optimiser; `step(groups)` applies one GRPO update with TRL's loss.
+    """Owns the policy model and its optimiser; `step(groups)` trains on one rollout batch with TRL's
+    loss (`num_iterations` x `steps_per_generation` optimiser steps; one by default).
 
     `reference_model` (required when `settings.beta > 0`, unused otherwise): a separate, frozen copy
     of the stage's starting policy for the KL term; it is put in eval mode, its parameters stop
@@ -169,6 +260,20 @@ class GRPOLearner:
         from trl import GRPOConfig, GRPOTrainer
         from trl.trainer.utils import add_fused_lm_head
 
+        if settings.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {settings.loss_type!r} is not supported; use one of {LOSS_TYPES}")
+        if settings.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level {settings.importance_sampling_level!r}: "
+                             f"use one of {IMPORTANCE_SAMPLING_LEVELS}")
+        conflict = loss_level_conflict(settings.loss_type, settings.importance_sampling_level)
+        if conflict:
+            raise ValueError(conflict)
+        if settings.loss_type == "cispo" and (settings.epsilon_high is None or settings.epsilon_high < 1):
+            raise ValueError(f"loss_type 'cispo' caps the ratio at epsilon_high itself: set it >= 1 (TRL recommends "
+                             f"5.0), got {settings.epsilon_high}")
+        if settings.num_iterations < 1 or settings.steps_per_generation < 1:
+            raise ValueError(f"num_iterations ({settings.num_iterations}) and steps_per_generation "
+                             f"({settings.steps_per_generation}) must be >= 1")
         if settings.beta > 0 and reference_model is None:
             raise ValueError(
                 f"beta = {settings.beta} > 0 needs a reference model for the KL term: pass reference_model= "
@@ -188,6 +293,12 @@ class GRPOLearner:
             beta=0.0,  # TRL would load its own reference from `name_or_path`; ours is set below
             loss_type=settings.loss_type,
             epsilon=settings.epsilon,
+            epsilon_high=settings.epsilon_high,
+            importance_sampling_level=settings.importance_sampling_level,
+            # TRL's names; the loop over passes and mini-batches is `step`'s. `_compute_loss` reads
+            # `args.steps_per_generation` to normalise "dapo"/"cispo" per mini-batch.
+            num_iterations=settings.num_iterations,
+            steps_per_generation=settings.steps_per_generation,
             scale_rewards=settings.scale_rewards,
             num_generations=group_size,
             per_device_train_batch_size=group_size,
@@ -240,7 +351,9 @@ class GRPOLearner:
         return logps
 
     def build_inputs(self, groups: list[RolloutGroup]) -> dict[str, torch.Tensor]:
-        """The tensors TRL's `compute_loss` expects, from scored rollout groups.
+        """The tensors TRL's `compute_loss` expects, from scored rollout groups, with the current weights:
+        `old_per_token_logps` is pi_old (and the base of the sampler weights) for every optimiser
+        step `step` takes on this batch, so call it once per batch, before the first update.
 
         Besides TRL's keys: `reward_valid` (B,) marks samples that have a reward, `trainable` (B,)
         the rows that reach the loss (valid, in a group with >= 2 valid samples); `completion_mask`
@@ -306,31 +419,48 @@ class GRPOLearner:
         return float((ours - sampled).abs()[completion_mask.bool()].max())
 
     def step(self, groups: list[RolloutGroup], fresh: list[bool] | None = None) -> dict[str, float]:
-        """One optimiser step on `groups`. `fresh[i]` marks on-policy groups, whose sampling logprobs
-        must equal the learner's: their max |difference| is reported as `rollout/logprob_mismatch_max`.
+        """Train on one rollout batch: `num_iterations` passes x `steps_per_generation` mini-batches,
+        one optimiser step each (see the module docstring). pi_old, the advantages and the sampler
+        importance weights are computed once, before the first step, and stay fixed for the batch.
+
+        `fresh[i]` marks on-policy groups, whose sampling logprobs must equal the learner's: their
+        max |difference| is reported as `rollout/logprob_mismatch_max`. Reported: `train/loss` and
+        `train/grad_norm` (before clipping) as means over the batch's optimiser steps,
+        `train/optimizer_steps`, and every TRL metric of those steps (`train/entropy`,
+        `train/clip_ratio/low_mean`, `.../high_mean`, `.../region_mean`, ..., `train/kl` when beta > 0)
+        as its mean over them, NaNs left out as TRL's own logging does.
 
         Samples without a reward are masked (`train/masked_samples`; groups left with < 2 valid
-        samples: `train/masked_groups`). With no trainable token the step is skipped: no optimiser
-        step, `train/skipped_step` = 1, loss and grad norm reported as 0."""
+        samples: `train/masked_groups`). A mini-batch without a trainable token gets no optimiser
+        step; with none in the whole batch the step is skipped: no optimiser step,
+        `train/skipped_step` = 1, loss and grad norm reported as 0."""
         start = time.perf_counter()
-        inputs = self.build_inputs(groups)
+        size = groups[0].size if groups else 0
+        parts = self.settings.steps_per_generation
+        if len(groups) % parts:
+            raise ValueError(f"{len(groups)} groups do not split into steps_per_generation = {parts} mini-batches "
+                             f"of whole groups")
+        inputs = self.build_inputs(groups)  # pi_old, advantages, sampler weights: fixed for the whole batch
+        minibatches = split_by_groups(inputs, size, parts)
         mask = inputs["completion_mask"].bool()
-        size = groups[0].size
         valid, trainable = inputs["reward_valid"], inputs["trainable"]
-        skipped = not bool(mask.any())
         self.trainer._metrics["train"].clear()
         metrics: dict[str, float] = {}
-        if skipped:
-            loss_value, grad_norm = 0.0, 0.0
-        else:
-            self.model.train()
-            loss = self.trainer.compute_loss(self.model, inputs)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
-            self.optimizer.step()
-            loss_value = float(loss.detach())
-            metrics.update({f"train/{k}": sum(v) / len(v) for k, v in self.trainer._metrics["train"].items() if v})
+        losses, grad_norms = [], []
+        self.model.train()
+        for _ in range(self.settings.num_iterations):
+            for batch in minibatches:
+                if not bool(batch["completion_mask"].any()):
+                    continue  # nothing to train on: no step, optimiser moments untouched
+                loss = self.trainer.compute_loss(self.model, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                       self.settings.max_grad_norm)))
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+        skipped = not losses
+        metrics.update({f"train/{k}": _mean_finite(v) for k, v in self.trainer._metrics["train"].items() if v})
         diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).abs()
         per_sample_fresh = torch.tensor(
             [f for f, g in zip(fresh or [True] * len(groups), groups) for _ in range(g.size)], device=mask.device
@@ -338,8 +468,9 @@ class GRPOLearner:
         fresh_mask = mask & per_sample_fresh[:, None]
         metrics.update(
             {
-                "train/loss": loss_value,
-                "train/grad_norm": grad_norm,
+                "train/loss": sum(losses) / len(losses) if losses else 0.0,
+                "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+                "train/optimizer_steps": float(len(losses)),
                 "train/step_s": time.perf_counter() - start,
                 "train/samples": float(mask.size(0)),
                 "train/trained_samples": float(trainable.sum()),
