@@ -60,8 +60,9 @@ class EarlyStopping(TrainerCallback):
     and read back by `restore`, so an SFT stage killed mid-way resumes with the same stopping
     decision it would have made uninterrupted."""
 
-    def __init__(self, evaluate, every: int, patience: int, progress=None):
+    def __init__(self, evaluate, every: int, patience: int, progress=None, writer=None):
         self.evaluate, self.every, self.patience, self.progress = evaluate, every, patience, progress
+        self.writer = writer  # a TensorBoard SummaryWriter for `val/accuracy`, or None
         self.best_accuracy, self.best_epoch, self.best_state = -1.0, 0, None
         self.history: list[tuple[int, float]] = []
         self._since_best = 0
@@ -106,6 +107,8 @@ class EarlyStopping(TrainerCallback):
         accuracy = self.evaluate(model)
         model.train()
         self.history.append((epoch, accuracy))
+        if self.writer is not None:
+            self.writer.add_scalar("val/accuracy", accuracy, state.global_step)
         if accuracy > self.best_accuracy:
             self.best_accuracy, self.best_epoch, self._since_best = accuracy, epoch, 0
             self.best_state = copy.deepcopy(model.state_dict())
@@ -140,10 +143,10 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps,
         num_train_epochs=cfg.num_train_epochs,
-        logging_steps=10**9,
+        logging_steps=25,  # training loss to TensorBoard (RUN/<stage>/tensorboard)
+        report_to=[],  # TensorBoard through our own writer, shared with the validation curve
         save_strategy="epoch",  # a killed stage resumes from its last epoch (see EarlyStopping.on_save)
         save_total_limit=1,
-        report_to=[],
         seed=seed,
         max_length=None,
         dataloader_num_workers=0,
@@ -153,12 +156,16 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
         completion_only_loss=True,
         gradient_checkpointing=False,  # TRL's default recomputes activations: ~20% slower, and these models fit
     )
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
     start = time.perf_counter()
-    callbacks = []
+    writer = SummaryWriter(str(Path(out_dir).parent / "tensorboard"))
+    callbacks = [TensorBoardCallback(writer)]
     with tqdm(total=cfg.num_train_epochs, desc="SFT epochs", unit="ep") as bar:
         stopper = None
         if validate is not None:
-            stopper = EarlyStopping(validate, cfg.eval_every_epochs, cfg.patience, progress=bar)
+            stopper = EarlyStopping(validate, cfg.eval_every_epochs, cfg.patience, progress=bar, writer=writer)
             callbacks.append(stopper)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=callbacks)
@@ -170,6 +177,7 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
                 stopper.restore(Path(last), model)
         if stopper is None or not stopper.done:
             trainer.train(resume_from_checkpoint=last)
+    writer.close()
     if stopper is None:
         return SFTResult(best_accuracy=float("nan"), best_epoch=cfg.num_train_epochs,
                          epochs_run=cfg.num_train_epochs, wall_s=time.perf_counter() - start)

@@ -58,7 +58,8 @@ def test_sft_resumes_after_a_kill_without_losing_or_repeating_an_epoch(tmp_path,
     tok, data = rows()
     reference = build_model(tok, SHAPE, seed=0)
     validate, _ = scripted_validation()
-    whole = run_sft(reference, tok, data, validate, out_dir=tmp_path / "whole", cfg=CFG)
+    whole = run_sft(reference, tok, data, validate, out_dir=tmp_path / "whole" / "trainer", cfg=CFG)
+    assert list((tmp_path / "whole" / "tensorboard").glob("events.out.tfevents.*"))  # loss and val/accuracy
 
     from trl import SFTTrainer
 
