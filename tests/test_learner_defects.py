@@ -115,6 +115,23 @@ def test_trl_surface_the_learner_relies_on_is_still_there():
     assert "self._metrics = " in init_source
     assert "add_fused_lm_head" in init_source and "self.ref_model" in init_source
 
+    # several steps per batch, GSPO, asymmetric clip, loss types (tests/test_grpo_family.py)
+    from rlpost.learners.grpo import LOSS_TYPES
+
+    assert 'inputs["old_per_token_logps"]' in loss_source or 'inputs.get("old_per_token_logps")' in loss_source
+    assert 'per_token_loss * inputs["importance_sampling_ratio"]' in loss_source  # the sampler weights
+    assert "self.use_vllm and self.vllm_importance_sampling_correction" in loss_source  # set after __init__
+    assert "self.importance_sampling_level" in loss_source and "self.epsilon_high" in loss_source
+    assert "self.args.steps_per_generation" in loss_source  # the "dapo"/"cispo" per-mini-batch normaliser
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert f'self._metrics[mode]["{key}"]' in loss_source
+    for loss_type in LOSS_TYPES:
+        assert f'"{loss_type}"' in loss_source, f"TRL's loss no longer implements {loss_type!r}"
+    # TRL's loss_type x importance_sampling_level rules, which rlpost enforces at recipe load time
+    assert ('args.importance_sampling_level == "sequence" and args.loss_type in ["bnpo", "dr_grpo", "dapo", '
+            '"cispo"]') in init_source
+    assert 'args.loss_type == "luspo" and args.importance_sampling_level != "sequence"' in init_source
+
 
 # --- 2. dropout -------------------------------------------------------------------------------------
 

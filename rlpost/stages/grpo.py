@@ -40,13 +40,14 @@ class GRPOStage:
     num_generations: int = setting(16, "TRL GRPOConfig: samples per prompt (the group)")
     temperature: float = setting(1.0, "TRL GRPOConfig: sampling temperature of rollouts (> 0)")
     max_completion_length: int = setting(6, "TRL GRPOConfig: completion budget in tokens")
-    scale_rewards: str = setting("group", "TRL GRPOConfig: advantage scaling", choices=("group", "batch", "none"))
+    scale_rewards: str = setting("group", "TRL GRPOConfig: advantage scaling (group std, or none as in Dr. GRPO)",
+                                 choices=("group", "none"))
     max_grad_norm: float = setting(1.0, "TRL GRPOConfig: gradient clipping")
     vllm_importance_sampling_cap: float = setting(2.0, "TRL GRPOConfig: truncation of sampler importance weights")
     save_steps: int = setting(25, "TRL GRPOConfig: checkpoint every N steps")
     eval_steps: int = setting(25, "TRL GRPOConfig: evaluate the first `eval` entry every N steps")
     prompts_per_step: int = setting(8, "prompts per rollout batch, i.e. per step (completions = prompts x "
-                                       "num_generations), split into steps_per_generation optimiser steps")
+                                       "num_generations), split into steps_per_generation mini-batches")
     max_staleness: int = setting(1, "policy versions a sample may lag the learner (0 = on-policy, synchronous)")
     rewards: list = setting(["arithmetic_exact"], "reward functions: names, dotted paths or "
                                                   "{name, weight, timeout_s, args}")
