@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rlpost.stages.dpo import DPOStage, check_dpo, run_dpo
 from rlpost.stages.grpo import GRPOStage, check_grpo, run_grpo
 from rlpost.stages.sft import SFTStage, check_sft, run_sft_stage
 
@@ -44,4 +45,5 @@ class StageType:
 STAGES: dict[str, StageType] = {
     "sft": StageType(SFTStage, run_sft_stage, check_sft),
     "grpo": StageType(GRPOStage, run_grpo, check_grpo),
+    "dpo": StageType(DPOStage, run_dpo, check_dpo),
 }
