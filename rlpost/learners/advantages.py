@@ -1,4 +1,4 @@
-"""Advantages and importance weights for group-based policy gradients (GRPO)."""
+"""Advantages and importance weights for group-based policy gradients (GRPO, RLOO)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,54 @@ def group_advantages(
         std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
         centred = centred / (std + eps)
     return torch.where(count >= 2, centred, zero).flatten()
+
+
+def rloo_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RLOO advantages (REINFORCE Leave-One-Out; Ahmadian et al. 2024, TRL's `RLOOTrainer`): each
+    reward minus the mean reward of the *other* valid samples of its group.
+
+    `valid[i]` (bool, default all True) says whether sample i has a reward; the value of `rewards`
+    at an invalid position is ignored (any number or NaN). For group g with valid samples V_g and
+    k = |V_g|, for i in V_g:
+
+        b_{g,i}  = (1/(k-1)) sum_{j in V_g, j != i} r_{g,j}          (leave-one-out baseline)
+        A_{g,i}  = r_{g,i} - b_{g,i}
+                 = k/(k-1) * (r_{g,i} - mean_g),   mean_g = (1/k) sum_{j in V_g} r_{g,j}
+
+    and A_{g,i} = 0 for every invalid i. A group with k < 2 valid samples gets A = 0 for all its
+    members (no other sample to form a baseline from). A group whose valid rewards are all equal
+    gets A = 0 by the formula. The baseline of sample i does not depend on r_i, so the estimator
+    sum_i A_i grad log pi(y_i) is unbiased.
+
+    No scaling: TRL 1.16's `RLOOTrainer` leaves advantages unscaled by default
+    (`RLOOConfig.normalize_advantages=False`; when set it standardises over the whole generation
+    batch, not per group), and this follows that default. With the same rewards (and a NaN reward
+    where `valid` is False) the values equal `RLOOTrainer`'s: its
+    `(nansum(group) - r_i) / (scorable - 1)` baseline, NaN -> 0 (see tests/test_rloo.py).
+
+    Group [1, 0, 0, 1]: baselines [1/3, 2/3, 2/3, 1/3], A = [2/3, -2/3, -2/3, 2/3]
+    (= 4/3 * (r - 0.5)). Group [1, None, 0, 0]: k = 3, A = [1, 0, -0.5, -0.5].
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    grouped = rewards.reshape(-1, group_size)
+    if valid is None:
+        ok = torch.ones_like(grouped, dtype=torch.bool)
+    else:
+        if valid.numel() != rewards.numel():
+            raise ValueError(f"validity mask has {valid.numel()} entries for {rewards.numel()} rewards")
+        ok = valid.reshape(-1, group_size).bool()
+    zero = torch.zeros((), dtype=grouped.dtype)
+    values = torch.where(ok, grouped, zero)
+    count = ok.sum(dim=1, keepdim=True)
+    baseline = (values.sum(dim=1, keepdim=True) - values) / (count - 1).clamp(min=1)
+    return torch.where(ok & (count >= 2), values - baseline, zero).flatten()
 
 
 def truncated_importance_weights(

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
-from rlpost.learners.advantages import group_advantages, truncated_importance_weights
+from rlpost.learners.advantages import group_advantages, rloo_advantages, truncated_importance_weights
 from rollouts.buffer import RolloutGroup
 
 
@@ -119,6 +119,7 @@ class LearnerSettings:
     max_grad_norm: float = 1.0
     importance_cap: float = 2.0
     scale_rewards: str = "group"
+    advantage_estimator: str = "grpo"  # "grpo" (group_advantages) or "rloo" (rloo_advantages, unscaled)
     max_completion_length: int = 8
     temperature: float = 1.0  # must equal the rollout temperature: TRL scales logits by it
     seed: int = 0
@@ -379,7 +380,10 @@ class GRPOLearner:
         completion_ids, completion_mask = _right_pad(completions, pad, torch.long)
         completion_mask = completion_mask * trainable[:, None].long()
         sampling_logps, _ = _right_pad(sampling, 0.0, torch.float32)
-        advantages = group_advantages(reward_values, size, self.settings.scale_rewards, valid=valid)
+        if self.settings.advantage_estimator == "rloo":
+            advantages = rloo_advantages(reward_values, size, valid=valid)
+        else:
+            advantages = group_advantages(reward_values, size, self.settings.scale_rewards, valid=valid)
         device = next(self.model.parameters()).device  # the learner's device (model.device in the recipe)
         prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logps, advantages, valid, trainable = (
             t.to(device) for t in (prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logps,

@@ -42,6 +42,10 @@ class GRPOStage:
     max_completion_length: int = setting(6, "TRL GRPOConfig: completion budget in tokens")
     scale_rewards: str = setting("group", "TRL GRPOConfig: advantage scaling (group std, or none as in Dr. GRPO)",
                                  choices=("group", "none"))
+    advantage_estimator: str = setting("grpo", "'grpo': reward minus group mean, scaled per scale_rewards; 'rloo': "
+                                               "reward minus the mean of the group's other samples (RLOO, "
+                                               "unscaled as TRL RLOOTrainer's default; scale_rewards unused)",
+                                       choices=("grpo", "rloo"))
     max_grad_norm: float = setting(1.0, "TRL GRPOConfig: gradient clipping")
     vllm_importance_sampling_cap: float = setting(2.0, "TRL GRPOConfig: truncation of sampler importance weights")
     save_steps: int = setting(25, "TRL GRPOConfig: checkpoint every N steps")
@@ -142,6 +146,7 @@ def run_grpo(cfg: GRPOStage, ctx) -> dict:
                                 num_iterations=cfg.num_iterations, steps_per_generation=cfg.steps_per_generation,
                                 max_grad_norm=cfg.max_grad_norm,
                                 importance_cap=cfg.vllm_importance_sampling_cap, scale_rewards=cfg.scale_rewards,
+                                advantage_estimator=cfg.advantage_estimator,
                                 max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
                                 seed=recipe.seed),
     )
