@@ -7,7 +7,9 @@ The seam every stage implements:
                                            return the stage's record (stage.json)
 
 A stage starts from the previous stage's output policy; the pipeline (`rlpost.pipeline`) decides
-what runs, evaluates after every stage and writes the report. Add a learner by adding an entry here.
+what runs, evaluates after every stage and writes the report. Add a learner by adding an entry here:
+sft (SFTTrainer), grpo (async vLLM rollouts + TRL's GRPO loss; RLOO advantages as an option),
+dpo (DPOTrainer on preference pairs), rejection (sample, keep the verified, SFT; repeat).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 
 from rlpost.stages.dpo import DPOStage, check_dpo, run_dpo
 from rlpost.stages.grpo import GRPOStage, check_grpo, run_grpo
+from rlpost.stages.rejection import RejectionStage, check_rejection, run_rejection
 from rlpost.stages.sft import SFTStage, check_sft, run_sft_stage
 
 
@@ -46,4 +49,5 @@ STAGES: dict[str, StageType] = {
     "sft": StageType(SFTStage, run_sft_stage, check_sft),
     "grpo": StageType(GRPOStage, run_grpo, check_grpo),
     "dpo": StageType(DPOStage, run_dpo, check_dpo),
+    "rejection": StageType(RejectionStage, run_rejection, check_rejection),
 }
