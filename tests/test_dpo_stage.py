@@ -236,3 +236,27 @@ def test_bad_dpo_keys_are_one_line_errors(stage, expected, tmp_path, dpo_registe
     path = write_jsonl(tmp_path / "pairs.jsonl", addition_pairs(3, 0))
     message = load_error(tmp_path, {"pairs": str(path), "held_out_pairs": 1, **stage})
     assert expected in message, message
+
+
+def test_pairs_from_rollouts_take_the_best_and_worst_verified_sample():
+    from rlpost.stages.dpo import best_and_worst
+
+    assert best_and_worst([0.0, 1.0, None, 1.0, 0.0], ["a", "b", "c", "d", "e"]) == ((1.0, "b"), (0.0, "a"))
+    assert best_and_worst([1.0, 1.0], ["a", "b"]) is None  # no preference without a reward difference
+    assert best_and_worst([None, 0.0, None], ["a", "b", "c"]) is None  # a masked sample is never a side
+    assert best_and_worst([None, None], ["a", "b"]) is None
+    assert best_and_worst([0.5, -1.0, 2.0], ["a", "b", "c"]) == ((2.0, "c"), (-1.0, "b"))
+
+
+def test_tulu3_recipe_loads_and_checks_its_rollout_keys():
+    from rlpost.errors import UserError
+    from rlpost.recipe import load_recipe
+
+    tulu3 = Path(__file__).resolve().parents[1] / "recipes" / "tulu3.yaml"
+    recipe = load_recipe(tulu3)
+    assert [(e.name, e.type) for e in recipe.stage_entries] == [("sft", "sft"), ("dpo", "dpo"), ("grpo", "grpo")]
+    assert recipe.dpo.pairs == "rollouts"
+    with pytest.raises(UserError, match="override 'dpo.rollout_samples=1'.*rollout_samples"):
+        load_recipe(tulu3, ["dpo.rollout_samples=1"])
+    with pytest.raises(UserError, match="dpo.rollout_temperature"):
+        load_recipe(tulu3, ["dpo.rollout_temperature=0"])

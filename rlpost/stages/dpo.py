@@ -1,6 +1,8 @@
 """The DPO stage: TRL's DPOTrainer on a file of preference pairs, against the stage's starting policy.
 
-Pairs: `pairs` names a dataset read with `rlpost.data.read_rows` (JSONL, Parquet or a
+Pairs: `pairs: rollouts` builds them from verified samples of the stage's starting policy (Tulu 3's
+recipe: best vs worst sample of each prompt by the recipe's rewards, see `rollout_pairs`); otherwise
+`pairs` names a dataset read with `rlpost.data.read_rows` (JSONL, Parquet or a
 `save_to_disk` directory; `pairs_split` picks a split, `columns` maps prompt/chosen/rejected to the
 dataset's columns). Each row's prompt goes through the recipe's `PromptFormat` (`data.prompt`), so
 DPO trains on exactly the prompt token ids rollouts, SFT and evaluation use; `chosen` and
@@ -49,7 +51,15 @@ _TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 @dataclass
 class DPOStage:
     pairs: str | None = setting(None, "preference dataset with prompt/chosen/rejected columns: a .jsonl / .parquet "
-                                      "file or save_to_disk directory (relative to the working directory); required")
+                                      "file or save_to_disk directory (relative to the working directory), or "
+                                      "'rollouts': pairs built from verified samples of the stage's starting "
+                                      "policy (the rollout_* keys); required")
+    rollout_prompts: int = setting(512, "pairs: rollouts — prompts to sample (the data stream's first N)")
+    rollout_samples: int = setting(8, "pairs: rollouts — samples per prompt (vLLM)")
+    rollout_temperature: float = setting(1.0, "pairs: rollouts — sampling temperature")
+    rollout_max_tokens: int = setting(6, "pairs: rollouts — completion budget in tokens")
+    rewards: list = setting(["arithmetic_exact"], "pairs: rollouts — reward functions that rank the samples")
+    reward_workers: int = setting(2, "pairs: rollouts — processes scoring rewards")
     pairs_split: str | None = setting(None, "split of a save_to_disk DatasetDict given as `pairs`")
     columns: dict[str, str] = setting({}, "target -> dataset column for `pairs`, e.g. {chosen: good, rejected: bad} "
                                           "(as data.columns: mapped columns renamed, the rest kept)")
@@ -100,6 +110,25 @@ def check_dpo(cfg: DPOStage, recipe, name: str) -> None:
     if cfg.loss_type == "exo_pair" and cfg.label_smoothing == 0:
         raise UserError(f"{where(recipe, f'{name}.label_smoothing')}: loss_type 'exo_pair' needs '{name}.label_smoothing' "
                         f"> 0 (the EXO paper uses 1e-3)")
+    if cfg.pairs == ROLLOUTS:
+        from rewards.registry import parse_reward_specs, resolve
+
+        for key in ("rollout_prompts", "rollout_samples", "rollout_max_tokens", "reward_workers"):
+            if getattr(cfg, key) < (2 if key == "rollout_samples" else 1):
+                raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' is too small "
+                                f"(got {getattr(cfg, key)}; rollout_samples needs 2 to make a pair)")
+        if cfg.rollout_temperature <= 0:
+            raise UserError(f"{where(recipe, f'{name}.rollout_temperature')}: key '{name}.rollout_temperature' "
+                            f"must be > 0: greedy samples are all alike and make no pairs")
+        try:
+            for spec in parse_reward_specs(cfg.rewards):
+                resolve(spec.name)
+        except UserError as exc:
+            raise UserError(f"{where(recipe, f'{name}.rewards')}: key '{name}.rewards': {exc}") from None
+        if cfg.held_out_pairs >= cfg.rollout_prompts:
+            raise UserError(f"{where(recipe, f'{name}.held_out_pairs')}: key '{name}.held_out_pairs' "
+                            f"({cfg.held_out_pairs}) must be below '{name}.rollout_prompts' ({cfg.rollout_prompts})")
+        return
     rows = read_pairs(cfg, recipe, name)
     if cfg.held_out_pairs >= len(rows):
         raise UserError(f"{where(recipe, f'{name}.held_out_pairs')}: key '{name}.held_out_pairs' ({cfg.held_out_pairs}) "
@@ -135,6 +164,64 @@ def read_pairs(cfg: DPOStage, recipe, name: str, base_dir: Path | None = None) -
             raise UserError(f"{prefix}: {source}: row {i} has no column {missing[0]!r}, which the prompt template "
                             f"{template.template!r} reads; its columns are: {', '.join(row)}")
     return rows
+
+
+ROLLOUTS = "rollouts"
+
+
+def best_and_worst(totals: list[float | None], texts: list[str]):
+    """((reward, text) of the first highest-reward sample, (reward, text) of the first lowest), or None
+    when the rewards do not differ; masked samples (reward None) take no part."""
+    scored = [(t, x) for t, x in zip(totals, texts) if t is not None]
+    if not scored:
+        return None
+    best, worst = max(scored, key=lambda s: s[0]), min(scored, key=lambda s: s[0])
+    return (best, worst) if best[0] > worst[0] else None
+
+
+def rollout_pairs(cfg: DPOStage, ctx, tokenizer) -> list[dict]:
+    """Preference pairs from verified rollouts of the stage's starting policy (Tulu 3's on-policy pairs):
+    `rollout_samples` samples for each of the data stream's first `rollout_prompts` prompts, scored by
+    `rewards` in the isolated pool; per prompt, chosen = the first sample with the highest total
+    reward, rejected = the first with the lowest, kept only when the two rewards differ (masked
+    samples never count). Cached in RUN/<stage>/pairs.jsonl, so a resumed stage trains on the same pairs."""
+    import json
+
+    from rewards.pool import RewardPool
+    from rewards.registry import parse_reward_specs
+    from rollouts.engine import EngineSettings, RolloutEngine
+
+    cache = ctx.out_dir / "pairs.jsonl"
+    if cache.exists():
+        return [json.loads(line) for line in cache.read_text().splitlines()]
+    source = ctx.data.prompts()
+    rows = [{**columns, "prompt": prompt} for prompt, columns in (source.get(i) for i in range(cfg.rollout_prompts))]
+    engine = RolloutEngine(ctx.policy_in, ctx.engine_settings or EngineSettings())
+    try:
+        outputs = engine.generate([ctx.data.format.token_ids(tokenizer, r) for r in rows], n=cfg.rollout_samples,
+                                  temperature=cfg.rollout_temperature, max_tokens=cfg.rollout_max_tokens)
+    finally:
+        engine.close()
+    k = cfg.rollout_samples
+    texts = [g.text for gens in outputs for g in gens]
+    columns = {key: [r[key] for r in rows for _ in range(k)] for key in rows[0] if key != "prompt"}
+    with RewardPool(parse_reward_specs(cfg.rewards), workers=cfg.reward_workers) as pool:
+        totals = pool.score([r["prompt"] for r in rows for _ in range(k)], texts,
+                            [list(g.token_ids) for gens in outputs for g in gens], columns).total
+    pairs = []
+    for i, row in enumerate(rows):
+        pair = best_and_worst(totals[i * k:(i + 1) * k], texts[i * k:(i + 1) * k])
+        if pair is not None:
+            (chosen_reward, chosen), (rejected_reward, rejected) = pair
+            pairs.append({**row, "chosen": chosen, "rejected": rejected,
+                          "chosen_reward": chosen_reward, "rejected_reward": rejected_reward})
+    if len(pairs) <= cfg.held_out_pairs:
+        raise UserError(f"{ctx.name}: only {len(pairs)} of {len(rows)} prompts had samples with different rewards "
+                        f"(need more than held_out_pairs={cfg.held_out_pairs}); raise {ctx.name}.rollout_prompts or "
+                        f"{ctx.name}.rollout_samples, or train the policy further first")
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return pairs
 
 
 def split_pairs(rows: list[dict], held_out: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -303,7 +390,7 @@ def run_dpo(cfg: DPOStage, ctx) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     fmt = ctx.data.format
-    rows = read_pairs(cfg, ctx.recipe, ctx.name)
+    rows = rollout_pairs(cfg, ctx, tokenizer) if cfg.pairs == ROLLOUTS else read_pairs(cfg, ctx.recipe, ctx.name)
     train_rows, held_rows = split_pairs(rows, cfg.held_out_pairs, ctx.recipe.seed)
     train = [tokenize_pair(tokenizer, fmt, r) for r in train_rows]
     kept = [r for r in train if fits(r, cfg.max_length)]
@@ -346,6 +433,7 @@ def run_dpo(cfg: DPOStage, ctx) -> dict:
     final = logged[-1] if logged else {}
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
+        "pairs_source": cfg.pairs,
         "pairs": len(rows),
         "pairs_trained": len(kept),
         "pairs_dropped_too_long": len(train) - len(kept),
