@@ -31,7 +31,9 @@ def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: RLState, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: RLState, keep: int = 2,
+                    extra: dict[str, dict] | None = None) -> Path:
+    """Write a checkpoint; `extra` maps file names to tensor dicts saved beside it as safetensors."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}"
@@ -42,6 +44,11 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: RLState, 
     tokenizer.save_pretrained(tmp / "policy")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+    for name, tensors in (extra or {}).items():
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / name))
     (tmp / "state.json").write_text(json.dumps(asdict(state)))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -1,4 +1,4 @@
-"""The asynchronous RL loop: rollout worker -> bounded buffer -> GRPO learner -> weight sync.
+"""The asynchronous RL loop: rollout worker -> bounded buffer -> learner (GRPO by default) -> weight sync.
 
     worker process (vLLM)                     learner (this process)
     generate batch b with weights v   --->    take batch b (staleness gate: v >= b - max_staleness)
@@ -29,6 +29,7 @@ from rollouts.weight_sync import WeightPublisher
 from rollouts.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("rlpost.loop")
+EXTRA_STATE = "learner_extra.safetensors"  # a learner's own tensors (e.g. a value head) in each checkpoint
 
 
 @dataclass
@@ -133,11 +134,12 @@ def probe_logprob_mismatch(link: WorkerLink, learner: GRPOLearner, prompt_ids: l
 
 
 def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, settings: LoopSettings,
-           evaluate=None, progress=None) -> dict:
+           evaluate=None, progress=None, learner_factory=None) -> dict:
     """Train from `policy_dir` (or resume from the newest checkpoint in `run_dir`); return figures.
 
     `evaluate(engine, tag) -> {"accuracy", "low", "high", ...}` (the pipeline's evaluation runner
-    on the rollout worker's engine) runs at step 0, every `eval_every` steps and at the end."""
+    on the rollout worker's engine) runs at step 0, every `eval_every` steps and at the end.
+    `learner_factory` (`rlpost.learners.LearnerFactory`) picks the update rule; default GRPO."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -146,12 +148,20 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     ckpt = latest_checkpoint(run_dir)
     dtype = getattr(torch, settings.dtype)
     model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir, dtype=dtype).to(settings.device)
-    reference = None
-    if settings.learner.beta > 0:  # the stage's starting policy, also after a resume
-        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device)
-    learner = GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size,
-                          reference_model=reference)
+    def load_reference():  # the stage's starting policy, also after a resume
+        return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device)
+
+    if learner_factory is None:
+        def learner_factory(model, tokenizer, load_reference):
+            reference = load_reference() if settings.learner.beta > 0 else None
+            return GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size,
+                               reference_model=reference)
+    learner = learner_factory(model, tokenizer, load_reference)
     state = load_checkpoint(ckpt, model, learner.optimizer) if ckpt else RLState()
+    if ckpt and (ckpt / EXTRA_STATE).exists():
+        from safetensors.torch import load_file
+
+        learner.load_extra_state(load_file(str(ckpt / EXTRA_STATE)))
     if ckpt:
         log.info("resuming from %s (step %d)", ckpt, state.step)
     worker.model_dir = str(ckpt / "policy" if ckpt else policy_dir)
@@ -215,7 +225,8 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                 progress.set_postfix(reward=f"{scalars['train/reward_mean']:.2f}",
                                      acc=f"{scalars.get('eval/accuracy', float('nan')):.2f}")
             if version % settings.checkpoint_every == 0 or version == settings.max_steps:
-                save_checkpoint(run_dir, model, tokenizer, learner.optimizer, state)
+                save_checkpoint(run_dir, model, tokenizer, learner.optimizer, state,
+                                extra={EXTRA_STATE: learner.extra_state()})
         figures["rl_wall_s"] = time.perf_counter() - rl_start
         figures["staleness"] = vars(buffer.gate.samples)
     finally:

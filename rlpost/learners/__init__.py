@@ -1,1 +1,35 @@
-"""Learners: turn batches of scored rollouts into parameter updates with TRL's losses."""
+"""Learners: turn batches of scored rollouts into parameter updates with TRL's losses.
+
+The seam between the RL loop (`rlpost.loop.run_rl`) and an update rule is `Learner`: the loop owns
+rollouts, staleness, weight sync, checkpoints and the ledger; a learner owns the policy's
+optimiser and whatever else its algorithm trains (a value head, say), and turns one batch of
+`RolloutGroup`s into updates. A stage picks its learner by passing a `LearnerFactory` to `run_rl`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+
+class Learner(Protocol):
+    model: Any       # the policy (a transformers causal LM); the loop publishes its weights
+    optimizer: Any   # checkpointed by the loop
+
+    def step(self, groups: list, fresh: list[bool] | None = None) -> dict[str, float]:
+        """Update on one batch of groups; return scalars for the metrics log (needs `train/step_s`,
+        `train/samples`)."""
+
+    def logprob_mismatch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                         sampling_logprobs: list[list[float]]) -> float:
+        """Max |sampler logprob - learner logprob| on the given tokens with the current weights."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Tensors besides the policy that a checkpoint must keep (e.g. a value head); {} if none."""
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
+
+
+# factory(model, tokenizer, load_reference) -> Learner; load_reference() loads a frozen copy of the
+# stage's starting policy (never the resumed checkpoint) for algorithms that need one.
+LearnerFactory = Callable[[Any, Any, Callable[[], Any]], Learner]

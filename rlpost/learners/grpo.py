@@ -351,6 +351,12 @@ class GRPOLearner:
             )
         return logps
 
+    def extra_state(self) -> dict:
+        return {}  # the policy and optimiser are all GRPO trains
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
     def build_inputs(self, groups: list[RolloutGroup]) -> dict[str, torch.Tensor]:
         """The tensors TRL's `compute_loss` expects, from scored rollout groups, with the current weights:
         `old_per_token_logps` is pi_old (and the base of the sampler weights) for every optimiser
