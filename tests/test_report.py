@@ -179,3 +179,21 @@ def test_format_report_shows_every_point_gain_and_stage(tmp_path):
     assert "best_val_accuracy 0.55" in sft and "epochs_run 6" in sft and "history" not in sft
     grpo = next(line for line in lines if line.startswith("stage grpo (grpo):"))
     assert "steps 2" in grpo and "samples_trained 256" in grpo and "3e-06" in grpo
+
+
+def test_plot_draws_every_kind_of_stage(tmp_path):
+    """summary stages of every kind (an SFT validation curve, DPO's logged windows) plot without error."""
+    import json as _json
+
+    from rlpost.pipeline import plot
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "stage.json").write_text(_json.dumps({"type": "sft", "history": [[1, 0.1], [2, 0.3]]}))
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "stage.json").write_text(_json.dumps(
+        {"type": "dpo", "history": [{"step": 10, "loss": 0.69, "rewards/accuracies": 0.5},
+                                    {"step": 20, "loss": 0.6, "rewards/accuracies": 0.8}]}))
+    point = {"accuracy": 0.3, "low": 0.2, "high": 0.4, "n": 10}
+    summary = {"stages": {"sft": {"type": "sft"}, "dpo": {"type": "dpo"}},
+               "evaluations": {"held_out": {"points": {"initial": point, "sft": point, "dpo": point}}}}
+    assert plot(tmp_path, summary).stat().st_size > 0
