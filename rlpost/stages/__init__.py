@@ -10,7 +10,8 @@ A stage starts from the previous stage's output policy; the pipeline (`rlpost.pi
 what runs, evaluates after every stage and writes the report. Add a learner by adding an entry here:
 sft (SFTTrainer), grpo (async vLLM rollouts + TRL's GRPO loss; RLOO advantages as an option),
 dpo (DPOTrainer on preference pairs), rejection (sample, keep the verified, SFT; repeat),
-online_dpo (best vs worst sample of each rollout group, TRL's DPO loss, asynchronous like grpo).
+online_dpo (best vs worst sample of each rollout group, TRL's DPO loss, asynchronous like grpo),
+ppo (a value head or separate value model, GAE, clipped policy and value losses, on TRL's loss).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable
 from rlpost.stages.dpo import DPOStage, check_dpo, run_dpo
 from rlpost.stages.grpo import GRPOStage, check_grpo, run_grpo
 from rlpost.stages.online_dpo import OnlineDPOStage, check_online_dpo, run_online_dpo
+from rlpost.stages.ppo import PPOStage, check_ppo, run_ppo
 from rlpost.stages.rejection import RejectionStage, check_rejection, run_rejection
 from rlpost.stages.sft import SFTStage, check_sft, run_sft_stage
 
@@ -53,4 +55,5 @@ STAGES: dict[str, StageType] = {
     "dpo": StageType(DPOStage, run_dpo, check_dpo),
     "rejection": StageType(RejectionStage, run_rejection, check_rejection),
     "online_dpo": StageType(OnlineDPOStage, run_online_dpo, check_online_dpo),
+    "ppo": StageType(PPOStage, run_ppo, check_ppo),
 }
