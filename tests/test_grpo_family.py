@@ -471,7 +471,7 @@ def test_run_grpo_passes_the_keys_to_the_learner(tmp_path, monkeypatch, tokenize
     class Captured(Exception):
         pass
 
-    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None):
+    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None):
         raise Captured(settings)
 
     monkeypatch.setattr(rlpost.loop, "run_rl", run_rl)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from rlpost.config import setting
 from rlpost.errors import UserError
 from rlpost.recipe import where
+from rlpost.stages.rollout_stage import check_rollout_context
 
 
 @dataclass
@@ -59,8 +60,6 @@ class GRPOStage:
 
 
 def check_grpo(cfg: GRPOStage, recipe, name: str) -> None:
-    from rewards.registry import parse_reward_specs, resolve
-
     for key in ("max_steps", "save_steps", "eval_steps", "prompts_per_step", "max_completion_length",
                 "reward_workers", "num_iterations", "steps_per_generation"):
         if getattr(cfg, key) < 1:
@@ -100,56 +99,18 @@ def check_grpo(cfg: GRPOStage, recipe, name: str) -> None:
     if cfg.learning_rate <= 0 or cfg.beta < 0 or cfg.epsilon <= 0 or cfg.vllm_importance_sampling_cap < 1:
         raise UserError(f"{where(recipe, name)}: stage '{name}' needs learning_rate > 0, beta >= 0, epsilon > 0 and "
                         f"vllm_importance_sampling_cap >= 1")
-    try:
-        for spec in parse_reward_specs(cfg.rewards):
-            resolve(spec.name)
-    except UserError as exc:
-        raise UserError(f"{where(recipe, f'{name}.rewards')}: key '{name}.rewards': {exc}") from None
-    if recipe.data.source == "task":
-        from rlpost.training_data import TrainingData
-
-        pool = TrainingData(recipe.data, recipe.seed).pool_size()
-        if cfg.prompts_per_step > pool:
-            raise UserError(f"{where(recipe, f'{name}.prompts_per_step')}: key '{name}.prompts_per_step' is {cfg.prompts_per_step} but the task has "
-                            f"{pool} training prompts")
-    limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
-    if limit and cfg.max_completion_length >= limit:
-        raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' ({cfg.max_completion_length}) leaves no room for "
-                        f"a prompt within max_model_len {limit}; raise model.max_model_len or lower it")
+    check_rollout_context(cfg, recipe, name)
 
 
 def run_grpo(cfg: GRPOStage, ctx) -> dict:
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    from rewards.registry import parse_reward_specs
     from rlpost.learners.grpo import LearnerSettings
-    from rlpost.loop import LoopSettings, run_rl
-    from rlpost.report import rl_stage_figures
-    from rollouts.worker import WorkerSpec
+    from rlpost.stages.rollout_stage import run_on_rollouts
 
-    recipe, m = ctx.recipe, ctx.recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(ctx.policy_in)
-    worker = WorkerSpec(model_dir=str(ctx.policy_in), prompts=ctx.data.prompts(), prompt_format=ctx.data.format,
-                        rewards=parse_reward_specs(cfg.rewards), group_size=cfg.num_generations,
-                        groups_per_batch=cfg.prompts_per_step, temperature=cfg.temperature,
-                        max_tokens=cfg.max_completion_length, max_staleness=cfg.max_staleness,
-                        reward_workers=cfg.reward_workers, torch_threads=m.threads,
-                        engine=ctx.engine_settings)
-    settings = LoopSettings(
-        max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step, max_staleness=cfg.max_staleness,
-        checkpoint_every=cfg.save_steps, eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device,
-        dtype=m.dtype,
-        learner=LearnerSettings(learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.loss_type,
-                                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                importance_sampling_level=cfg.importance_sampling_level,
-                                num_iterations=cfg.num_iterations, steps_per_generation=cfg.steps_per_generation,
-                                max_grad_norm=cfg.max_grad_norm,
-                                importance_cap=cfg.vllm_importance_sampling_cap, scale_rewards=cfg.scale_rewards,
-                                advantage_estimator=cfg.advantage_estimator,
-                                max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-                                seed=recipe.seed),
-    )
-    with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:
-        figures = run_rl(ctx.policy_in, ctx.out_dir, tokenizer, worker, settings, ctx.evaluate, progress=bar)
-    return rl_stage_figures(ctx.out_dir, figures)
+    settings = LearnerSettings(
+        learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high, importance_sampling_level=cfg.importance_sampling_level,
+        num_iterations=cfg.num_iterations, steps_per_generation=cfg.steps_per_generation,
+        max_grad_norm=cfg.max_grad_norm, importance_cap=cfg.vllm_importance_sampling_cap,
+        scale_rewards=cfg.scale_rewards, advantage_estimator=cfg.advantage_estimator,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, seed=ctx.recipe.seed)
+    return run_on_rollouts(cfg, ctx, grpo_settings=settings)

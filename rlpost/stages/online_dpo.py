@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from rlpost.config import setting
 from rlpost.errors import UserError
 from rlpost.recipe import where
+from rlpost.stages.rollout_stage import check_rollout_context
 
 # rlpost.learners.online_dpo.LOSS_TYPES, repeated so that loading a recipe does not import torch
 # (tests/test_online_dpo.py checks that the two agree).
@@ -48,8 +49,6 @@ class OnlineDPOStage:
 
 
 def check_online_dpo(cfg: OnlineDPOStage, recipe, name: str) -> None:
-    from rewards.registry import parse_reward_specs, resolve
-
     for key in ("max_steps", "save_steps", "eval_steps", "prompts_per_step", "max_completion_length",
                 "reward_workers"):
         if getattr(cfg, key) < 1:
@@ -69,58 +68,18 @@ def check_online_dpo(cfg: OnlineDPOStage, recipe, name: str) -> None:
     if cfg.loss_type not in LOSS_TYPES:  # the config's `choices` catch this on load; kept for direct use
         raise UserError(f"{where(recipe, f'{name}.loss_type')}: key '{name}.loss_type' must be one of "
                         f"{', '.join(LOSS_TYPES)}, got {cfg.loss_type!r}")
-    try:
-        for spec in parse_reward_specs(cfg.rewards):
-            resolve(spec.name)
-    except UserError as exc:
-        raise UserError(f"{where(recipe, f'{name}.rewards')}: key '{name}.rewards': {exc}") from None
-    if recipe.data.source == "task":
-        from rlpost.training_data import TrainingData
-
-        pool = TrainingData(recipe.data, recipe.seed).pool_size()
-        if cfg.prompts_per_step > pool:
-            raise UserError(f"{where(recipe, f'{name}.prompts_per_step')}: key '{name}.prompts_per_step' is "
-                            f"{cfg.prompts_per_step} but the task has {pool} training prompts")
-    limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
-    if limit and cfg.max_completion_length >= limit:
-        raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' "
-                        f"({cfg.max_completion_length}) leaves no room for a prompt within max_model_len {limit}; "
-                        f"raise model.max_model_len or lower it")
+    check_rollout_context(cfg, recipe, name)
 
 
 def run_online_dpo(cfg: OnlineDPOStage, ctx) -> dict:
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    from rewards.registry import parse_reward_specs
     from rlpost.learners.online_dpo import OnlineDPOLearner, OnlineDPOSettings
-    from rlpost.loop import LoopSettings, run_rl
-    from rlpost.report import rl_stage_figures
-    from rollouts.worker import WorkerSpec
+    from rlpost.stages.rollout_stage import run_on_rollouts
 
-    recipe, m = ctx.recipe, ctx.recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(ctx.policy_in)
-    worker = WorkerSpec(model_dir=str(ctx.policy_in), prompts=ctx.data.prompts(), prompt_format=ctx.data.format,
-                        rewards=parse_reward_specs(cfg.rewards), group_size=cfg.num_generations,
-                        groups_per_batch=cfg.prompts_per_step, temperature=cfg.temperature,
-                        max_tokens=cfg.max_completion_length, max_staleness=cfg.max_staleness,
-                        reward_workers=cfg.reward_workers, torch_threads=m.threads,
-                        engine=ctx.engine_settings)
-    # LoopSettings.learner (GRPO's settings) is read only by the loop's default learner, not with a factory.
-    settings = LoopSettings(
-        max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step, max_staleness=cfg.max_staleness,
-        checkpoint_every=cfg.save_steps, eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device,
-        dtype=m.dtype,
-    )
-    learner_settings = OnlineDPOSettings(learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.loss_type,
-                                         max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature,
-                                         seed=recipe.seed)
+    settings = OnlineDPOSettings(learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.loss_type,
+                                 max_grad_norm=cfg.max_grad_norm, temperature=cfg.temperature, seed=ctx.recipe.seed)
     trl_dir = str(ctx.out_dir / "trl")
 
-    def learner_factory(model, tok, load_reference):
-        return OnlineDPOLearner(model, tok, load_reference(), learner_settings, output_dir=trl_dir)
+    def learner_factory(model, tokenizer, load_reference):
+        return OnlineDPOLearner(model, tokenizer, load_reference(), settings, output_dir=trl_dir)
 
-    with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:
-        figures = run_rl(ctx.policy_in, ctx.out_dir, tokenizer, worker, settings, ctx.evaluate, progress=bar,
-                         learner_factory=learner_factory)
-    return rl_stage_figures(ctx.out_dir, figures)
+    return run_on_rollouts(cfg, ctx, learner_factory=learner_factory)

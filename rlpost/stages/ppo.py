@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from rlpost.config import setting
 from rlpost.errors import UserError
 from rlpost.recipe import where
+from rlpost.stages.rollout_stage import check_rollout_context
 
 
 @dataclass
@@ -65,8 +66,6 @@ def _fail(recipe, name: str, key: str, message: str) -> UserError:
 def check_ppo(cfg: PPOStage, recipe, name: str) -> None:
     import math
 
-    from rewards.registry import parse_reward_specs, resolve
-
     for key in ("max_steps", "save_steps", "eval_steps", "prompts_per_step", "num_generations",
                 "max_completion_length", "reward_workers", "num_ppo_epochs", "num_mini_batches"):
         if getattr(cfg, key) < 1:
@@ -90,23 +89,7 @@ def check_ppo(cfg: PPOStage, recipe, name: str) -> None:
             raise _fail(recipe, name, key, f"must be in [0, 1], got {getattr(cfg, key)}")
     if not cfg.vllm_importance_sampling_cap >= 1:
         raise _fail(recipe, name, "vllm_importance_sampling_cap", f"must be >= 1, got {cfg.vllm_importance_sampling_cap}")
-    try:
-        for spec in parse_reward_specs(cfg.rewards):
-            resolve(spec.name)
-    except UserError as exc:
-        raise UserError(f"{where(recipe, f'{name}.rewards')}: key '{name}.rewards': {exc}") from None
-    if recipe.data.source == "task":
-        from rlpost.training_data import TrainingData
-
-        pool = TrainingData(recipe.data, recipe.seed).pool_size()
-        if cfg.prompts_per_step > pool:
-            raise _fail(recipe, name, "prompts_per_step", f"is {cfg.prompts_per_step} but the task has {pool} "
-                                                         f"training prompts")
-    limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
-    if limit and cfg.max_completion_length >= limit:
-        raise _fail(recipe, name, "max_completion_length", f"({cfg.max_completion_length}) leaves no room for a "
-                                                           f"prompt within max_model_len {limit}; raise "
-                                                           f"model.max_model_len or lower it")
+    check_rollout_context(cfg, recipe, name)
 
 
 def ppo_settings(cfg: PPOStage, seed: int):
@@ -122,29 +105,11 @@ def ppo_settings(cfg: PPOStage, seed: int):
 
 
 def run_ppo(cfg: PPOStage, ctx) -> dict:
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
-
-    from rewards.registry import parse_reward_specs
     from rlpost.learners.ppo import PPOLearner
-    from rlpost.loop import LoopSettings, run_rl
-    from rlpost.report import rl_stage_figures
-    from rollouts.worker import WorkerSpec
+    from rlpost.stages.rollout_stage import run_on_rollouts
 
-    recipe, m = ctx.recipe, ctx.recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(ctx.policy_in)
-    worker = WorkerSpec(model_dir=str(ctx.policy_in), prompts=ctx.data.prompts(), prompt_format=ctx.data.format,
-                        rewards=parse_reward_specs(cfg.rewards), group_size=cfg.num_generations,
-                        groups_per_batch=cfg.prompts_per_step, temperature=cfg.temperature,
-                        max_tokens=cfg.max_completion_length, max_staleness=cfg.max_staleness,
-                        reward_workers=cfg.reward_workers, torch_threads=m.threads,
-                        engine=ctx.engine_settings)
-    settings = LoopSettings(
-        max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step, max_staleness=cfg.max_staleness,
-        checkpoint_every=cfg.save_steps, eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device,
-        dtype=m.dtype,
-    )
-    learner_settings = ppo_settings(cfg, recipe.seed)
+    m = ctx.recipe.model
+    settings = ppo_settings(cfg, ctx.recipe.seed)
 
     def load_value_backbone():  # the stage's starting policy's backbone; a resume restores its trained weights
         import torch
@@ -152,11 +117,9 @@ def run_ppo(cfg: PPOStage, ctx) -> dict:
 
         return AutoModel.from_pretrained(ctx.policy_in, dtype=getattr(torch, m.dtype)).to(ctx.device)
 
-    learner_factory = lambda model, tok, load_ref: PPOLearner(  # noqa: E731
-        model, tok, learner_settings, str(ctx.out_dir / "trl"),
-        reference_model=load_ref() if cfg.kl_coef > 0 or cfg.beta > 0 else None,
-        value_backbone=load_value_backbone() if cfg.value_model == "separate" else None)
-    with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:
-        figures = run_rl(ctx.policy_in, ctx.out_dir, tokenizer, worker, settings, ctx.evaluate, progress=bar,
-                         learner_factory=learner_factory)
-    return rl_stage_figures(ctx.out_dir, figures)
+    def learner_factory(model, tokenizer, load_reference):
+        return PPOLearner(model, tokenizer, settings, str(ctx.out_dir / "trl"),
+                          reference_model=load_reference() if cfg.kl_coef > 0 or cfg.beta > 0 else None,
+                          value_backbone=load_value_backbone() if cfg.value_model == "separate" else None)
+
+    return run_on_rollouts(cfg, ctx, learner_factory=learner_factory)
