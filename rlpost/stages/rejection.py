@@ -56,6 +56,7 @@ from types import SimpleNamespace
 from rlpost.config import setting
 from rlpost.errors import UserError
 from rlpost.recipe import where
+from rlpost.stages.rollout_stage import check_rollout_context
 
 log = logging.getLogger("rlpost.rejection")
 
@@ -83,8 +84,6 @@ class RejectionStage:
 
 
 def check_rejection(cfg: RejectionStage, recipe, name: str) -> None:
-    from rewards.registry import parse_reward_specs, resolve
-
     for key in _SIZE_KEYS:
         if getattr(cfg, key) < 1:
             raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' must be >= 1, got {getattr(cfg, key)}")
@@ -95,23 +94,7 @@ def check_rejection(cfg: RejectionStage, recipe, name: str) -> None:
         raise UserError(f"{where(recipe, f'{name}.learning_rate')}: key '{name}.learning_rate' must be > 0, got {cfg.learning_rate}")
     if not math.isfinite(cfg.threshold):
         raise UserError(f"{where(recipe, f'{name}.threshold')}: key '{name}.threshold' must be a finite number, got {cfg.threshold}")
-    try:
-        for spec in parse_reward_specs(cfg.rewards):
-            resolve(spec.name)
-    except UserError as exc:
-        raise UserError(f"{where(recipe, f'{name}.rewards')}: key '{name}.rewards': {exc}") from None
-    if recipe.data.source == "task":
-        from rlpost.training_data import TrainingData
-
-        pool = TrainingData(recipe.data, recipe.seed).pool_size()
-        if cfg.prompts_per_round > pool:
-            raise UserError(f"{where(recipe, f'{name}.prompts_per_round')}: key '{name}.prompts_per_round' is "
-                            f"{cfg.prompts_per_round} but the task has {pool} training prompts")
-    limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
-    if limit and cfg.max_completion_length >= limit:
-        raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' "
-                        f"({cfg.max_completion_length}) leaves no room for a prompt within max_model_len {limit}; "
-                        f"raise model.max_model_len or lower it")
+    check_rollout_context(cfg, recipe, name, prompts_key="prompts_per_round")
 
 
 def select_kept(texts: list[str], totals: list[float | None], group_size: int, threshold: float,

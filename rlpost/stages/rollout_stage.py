@@ -13,8 +13,9 @@ from rlpost.errors import UserError
 from rlpost.recipe import where
 
 
-def check_rollout_context(cfg, recipe, name: str) -> None:
-    """Rewards resolve, the task has enough prompts, and a prompt fits beside the completion budget."""
+def check_rollout_context(cfg, recipe, name: str, prompts_key: str = "prompts_per_step") -> None:
+    """Rewards resolve, the task has enough prompts for `cfg.<prompts_key>`, and a prompt fits beside
+    the completion budget (also used by the rejection stage, which samples prompts per round)."""
     from rewards.registry import parse_reward_specs, resolve
 
     try:
@@ -26,9 +27,10 @@ def check_rollout_context(cfg, recipe, name: str) -> None:
         from rlpost.training_data import TrainingData
 
         pool = TrainingData(recipe.data, recipe.seed).pool_size()
-        if cfg.prompts_per_step > pool:
-            raise UserError(f"{where(recipe, f'{name}.prompts_per_step')}: key '{name}.prompts_per_step' is "
-                            f"{cfg.prompts_per_step} but the task has {pool} training prompts")
+        wanted = getattr(cfg, prompts_key)
+        if wanted > pool:
+            raise UserError(f"{where(recipe, f'{name}.{prompts_key}')}: key '{name}.{prompts_key}' is "
+                            f"{wanted} but the task has {pool} training prompts")
     limit = recipe.model.max_model_len or (recipe.model.build.max_positions if recipe.model.build else None)
     if limit and cfg.max_completion_length >= limit:
         raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' "
