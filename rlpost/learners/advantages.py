@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 
 
+def _valid_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None):
+    """Rewards as (groups, group_size) with invalid entries 0, the validity mask, the valid count per
+    group (keepdim) and a zero of the rewards' dtype: what every group baseline starts from."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.reshape(-1, group_size)
+    if valid is None:
+        ok = torch.ones_like(grouped, dtype=torch.bool)
+    else:
+        if valid.numel() != rewards.numel():
+            raise ValueError(f"validity mask has {valid.numel()} entries for {rewards.numel()} rewards")
+        ok = valid.reshape(-1, group_size).bool()
+    zero = torch.zeros((), dtype=grouped.dtype)
+    return torch.where(ok, grouped, zero), ok, ok.sum(dim=1, keepdim=True), zero
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
@@ -30,20 +46,9 @@ def group_advantages(
     signal). So group [1, None, 0, 0] gives the advantages of [1, 0, 0] at its valid positions and 0
     at the masked one: a missing reward is never read as 0.
     """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     if scale not in ("group", "none"):
         raise ValueError(f"unknown advantage scale {scale!r}; use 'group' or 'none'")
-    grouped = rewards.reshape(-1, group_size)
-    if valid is None:
-        ok = torch.ones_like(grouped, dtype=torch.bool)
-    else:
-        if valid.numel() != rewards.numel():
-            raise ValueError(f"validity mask has {valid.numel()} entries for {rewards.numel()} rewards")
-        ok = valid.reshape(-1, group_size).bool()
-    zero = torch.zeros((), dtype=grouped.dtype)
-    values = torch.where(ok, grouped, zero)
-    count = ok.sum(dim=1, keepdim=True)
+    values, ok, count, zero = _valid_groups(rewards, group_size, valid)
     mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
     centred = torch.where(ok, values - mean, zero)
     if scale == "group":
@@ -82,20 +87,9 @@ def rloo_advantages(
     Group [1, 0, 0, 1]: baselines [1/3, 2/3, 2/3, 1/3], A = [2/3, -2/3, -2/3, 2/3]
     (= 4/3 * (r - 0.5)). Group [1, None, 0, 0]: k = 3, A = [1, 0, -0.5, -0.5].
     """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     if not rewards.is_floating_point():
         rewards = rewards.float()
-    grouped = rewards.reshape(-1, group_size)
-    if valid is None:
-        ok = torch.ones_like(grouped, dtype=torch.bool)
-    else:
-        if valid.numel() != rewards.numel():
-            raise ValueError(f"validity mask has {valid.numel()} entries for {rewards.numel()} rewards")
-        ok = valid.reshape(-1, group_size).bool()
-    zero = torch.zeros((), dtype=grouped.dtype)
-    values = torch.where(ok, grouped, zero)
-    count = ok.sum(dim=1, keepdim=True)
+    values, ok, count, zero = _valid_groups(rewards, group_size, valid)
     baseline = (values.sum(dim=1, keepdim=True) - values) / (count - 1).clamp(min=1)
     return torch.where(ok & (count >= 2), values - baseline, zero).flatten()
 

@@ -248,6 +248,34 @@ def _has_reward(reward) -> bool:
         return False
 
 
+def flatten_groups(groups: list[RolloutGroup]):
+    """One row per sample: (prompt ids, completion ids, sampling logprobs, rewards with masked ones as 0.0,
+    validity mask). A sample's reward is valid when it is a finite number (None = masked)."""
+    prompts, completions, sampling, rewards = [], [], [], []
+    for group in groups:
+        if len(group.rewards) != group.size:
+            raise ValueError(f"group {group.prompt_index} has {len(group.rewards)} rewards for {group.size} samples")
+        for ids, logps, reward in zip(group.completion_ids, group.sampling_logprobs, group.rewards):
+            prompts.append(group.prompt_ids)
+            completions.append(ids)
+            sampling.append(logps)
+            rewards.append(reward)
+    valid = torch.tensor([_has_reward(r) for r in rewards], dtype=torch.bool)
+    values = torch.tensor([float(r) if ok else 0.0 for r, ok in zip(rewards, valid.tolist())], dtype=torch.float32)
+    return prompts, completions, sampling, values, valid
+
+
+def freeze_reference(reference, temperature: float, cast_lm_head_to_fp32: bool) -> None:
+    """Make `reference` a frozen reference: dropout off, no gradients, eval mode, and the same fused,
+    temperature-scaled logprob head TRL puts on the policy (and on its own reference)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    disable_dropout(reference)
+    reference.requires_grad_(False)
+    reference.eval()
+    add_fused_lm_head(reference, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+
+
 class GRPOLearner:
     """Owns the policy model and its optimiser; `step(groups)` trains on one rollout batch with TRL's
     loss (`num_iterations` x `steps_per_generation` optimiser steps; one by default).
@@ -259,7 +287,6 @@ class GRPOLearner:
     def __init__(self, model, tokenizer, settings: LearnerSettings, output_dir: str, group_size: int,
                  reference_model=None):
         from trl import GRPOConfig, GRPOTrainer
-        from trl.trainer.utils import add_fused_lm_head
 
         if settings.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {settings.loss_type!r} is not supported; use one of {LOSS_TYPES}")
@@ -325,12 +352,7 @@ class GRPOLearner:
         self.trainer.beta = settings.beta
         self.reference_model = reference_model if settings.beta > 0 else None
         if self.reference_model is not None:
-            disable_dropout(self.reference_model)
-            self.reference_model.requires_grad_(False)
-            self.reference_model.eval()
-            # the same fused, temperature-scaled logprob head TRL puts on the policy (and on its own reference)
-            add_fused_lm_head(self.reference_model, temperature=settings.temperature,
-                              cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+            freeze_reference(self.reference_model, settings.temperature, args.cast_lm_head_to_fp32)
         # The samples do come from vLLM: switch on TRL's sampler importance-sampling correction so that
         # `compute_loss` multiplies each token's loss by the weights we pass in `importance_sampling_ratio`.
         self.trainer.use_vllm = True
@@ -369,18 +391,7 @@ class GRPOLearner:
         if len({g.size for g in groups}) != 1:
             raise ValueError(f"groups of different sizes {sorted({g.size for g in groups})} cannot share advantages")
         size = groups[0].size
-        prompts, completions, sampling, rewards = [], [], [], []
-        for group in groups:
-            if len(group.rewards) != group.size:
-                raise ValueError(f"group {group.prompt_index} has {len(group.rewards)} rewards for {group.size} samples")
-            for ids, logps, reward in zip(group.completion_ids, group.sampling_logprobs, group.rewards):
-                prompts.append(group.prompt_ids)
-                completions.append(ids)
-                sampling.append(logps)
-                rewards.append(reward)
-        valid = torch.tensor([_has_reward(r) for r in rewards], dtype=torch.bool)
-        reward_values = torch.tensor([float(r) if ok else 0.0 for r, ok in zip(rewards, valid.tolist())],
-                                     dtype=torch.float32)
+        prompts, completions, sampling, reward_values, valid = flatten_groups(groups)
         trainable = (valid.view(-1, size).sum(dim=1, keepdim=True) >= 2).expand(-1, size).flatten() & valid
         prompt_ids, prompt_mask = _left_pad(prompts, pad)
         completion_ids, completion_mask = _right_pad(completions, pad, torch.long)

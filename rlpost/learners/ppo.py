@@ -84,8 +84,8 @@ from datasets import Dataset
 
 from rlpost.learners.advantages import truncated_importance_weights
 from rlpost.learners.gae import gae, token_rewards, whiten
-from rlpost.learners.grpo import (_has_reward, _k3_kl, _left_pad, _masked_mean, _mean_finite, _right_pad,
-                                  _unused_reward, disable_dropout)
+from rlpost.learners.grpo import (_k3_kl, _left_pad, _masked_mean, _mean_finite, _right_pad, _unused_reward,
+                                  disable_dropout, flatten_groups, freeze_reference)
 from rollouts.buffer import RolloutGroup
 
 VALUE_MODELS = ("head", "separate")
@@ -152,7 +152,6 @@ class PPOLearner:
     def __init__(self, model, tokenizer, settings: PPOSettings, output_dir: str, reference_model=None,
                  value_backbone=None):
         from trl import GRPOConfig, GRPOTrainer
-        from trl.trainer.utils import add_fused_lm_head
 
         s = settings
         if s.value_model not in VALUE_MODELS:
@@ -208,11 +207,7 @@ class PPOLearner:
         self.trainer.current_gradient_accumulation_steps = 1
         self.reference_model = reference_model if needs_reference else None
         if self.reference_model is not None:
-            disable_dropout(self.reference_model)
-            self.reference_model.requires_grad_(False)
-            self.reference_model.eval()
-            add_fused_lm_head(self.reference_model, temperature=s.temperature,
-                              cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+            freeze_reference(self.reference_model, s.temperature, args.cast_lm_head_to_fp32)
 
         self.value_backbone = value_backbone
         if value_backbone is not None:
@@ -347,18 +342,7 @@ class PPOLearner:
         `reward_valid`, `completion_mask_full` (the padding mask, for the forward passes)."""
         s = self.settings
         pad = self.tokenizer.pad_token_id
-        prompts, completions, sampling, rewards = [], [], [], []
-        for group in groups:
-            if len(group.rewards) != group.size:
-                raise ValueError(f"group {group.prompt_index} has {len(group.rewards)} rewards for {group.size} samples")
-            for ids, logps, reward in zip(group.completion_ids, group.sampling_logprobs, group.rewards):
-                prompts.append(group.prompt_ids)
-                completions.append(ids)
-                sampling.append(logps)
-                rewards.append(reward)
-        valid = torch.tensor([_has_reward(r) for r in rewards], dtype=torch.bool)
-        outcome = torch.tensor([float(r) if ok else 0.0 for r, ok in zip(rewards, valid.tolist())],
-                               dtype=torch.float32)
+        prompts, completions, sampling, outcome, valid = flatten_groups(groups)
         prompt_ids, prompt_mask = _left_pad(prompts, pad)
         completion_ids, padding_mask = _right_pad(completions, pad, torch.long)
         completion_mask = padding_mask * valid[:, None].long()
