@@ -201,7 +201,9 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                             {"groups": vars(buffer.gate.groups).copy(), "samples": vars(buffer.gate.samples).copy()})
             ledger.append({"step": version, "prompt_indices": [g.prompt_index for g in groups],
                            "policy_versions": [g.policy_version for g in groups],
-                           "samples": sum(g.size for g in groups), "samples_trained": state.samples_trained})
+                           "samples": sum(g.size for g in groups),
+                           "completion_tokens": sum(len(c) for g in groups for c in g.completion_ids),
+                           "samples_trained": state.samples_trained})
             scalars.update(_drain_rollout_metrics(link, sent_at, buffer))
             now = time.perf_counter()
             rewards = [r for g in groups for r in g.rewards if r is not None]  # None: masked, not 0

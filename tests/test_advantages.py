@@ -74,16 +74,6 @@ def test_equal_logprobs_give_unit_weights():
     assert torch.equal(w, torch.ones(2, 2))
 
 
-def test_k3_kl_estimator_hand_computed():
-    from rlpost.learners.grpo import _k3_kl
-
-    sampler = torch.log(torch.tensor([[0.5, 0.25]]))
-    learner = torch.log(torch.tensor([[0.5, 0.5]]))
-    # token 1: r = 1 -> 0; token 2: r = 2 -> 2 - 1 - ln 2
-    expected = torch.tensor([[0.0, 1.0 - math.log(2.0)]])
-    assert torch.allclose(_k3_kl(sampler, learner), expected, atol=1e-6)
-
-
 def test_invalid_samples_are_left_out_of_their_groups_mean_and_std():
     """Group [1, None, 0, 0] -> the valid [1, 0, 0]: mean 1/3, centred [2/3, -1/3, -1/3], unbiased variance
     (4/9 + 1/9 + 1/9) / 2 = 1/3, std 0.57735 -> A = [1.15450, 0, -0.57725, -0.57725]; the masked one gets 0.

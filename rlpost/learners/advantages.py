@@ -109,3 +109,13 @@ def truncated_importance_weights(
     """
     ratio = torch.exp(learner_logps - sampling_logps).clamp(max=cap)
     return ratio * mask
+
+
+def importance_weight_stats(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """`rollout/importance_weight_{mean,min,max}` of the truncated weights over completion tokens
+    (NaN without any): how far off-policy the batch the learner trained on was."""
+    kept = weights[mask.bool()]
+    if kept.numel() == 0:
+        return {f"rollout/importance_weight_{k}": float("nan") for k in ("mean", "min", "max")}
+    return {"rollout/importance_weight_mean": float(kept.mean()), "rollout/importance_weight_min": float(kept.min()),
+            "rollout/importance_weight_max": float(kept.max())}

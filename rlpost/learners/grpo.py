@@ -78,7 +78,9 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
-from rlpost.learners.advantages import group_advantages, rloo_advantages, truncated_importance_weights
+from rlpost.learners import kl as kl_estimators
+from rlpost.learners.advantages import (group_advantages, importance_weight_stats, rloo_advantages,
+                                        truncated_importance_weights)
 from rollouts.buffer import RolloutGroup
 
 
@@ -189,18 +191,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         _zero_config_dropout(config, set())
-
-
-def _k3_kl(sampler_logps: torch.Tensor, learner_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(sampler || learner) from samples of the sampler (Schulman's k3):
-
-        log_r = log pi_learner(y) - log pi_sampler(y),   k3 = exp(log_r) - 1 - log_r  >= 0
-
-    Zero for on-policy samples; it measures how far the learner has moved since a sample was drawn.
-    (TRL reports KL to the reference model only when beta > 0.)
-    """
-    log_r = learner_logps - sampler_logps
-    return torch.exp(log_r) - 1 - log_r
 
 
 def split_by_groups(inputs: dict, group_size: int, parts: int) -> list[dict]:
@@ -500,9 +490,9 @@ class GRPOLearner:
                 "train/skipped_step": float(skipped),
                 "train/completion_tokens": float(mask.sum()),
                 "rollout/logprob_mismatch_max": float(diff[fresh_mask].max()) if fresh_mask.any() else float("nan"),
-                "rollout/importance_weight_mean": _masked_mean(inputs["importance_sampling_ratio"], mask),
+                **importance_weight_stats(inputs["importance_sampling_ratio"], mask),
                 "train/kl_sampler_to_learner": _masked_mean(
-                    _k3_kl(inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]), mask),
+                    kl_estimators.k3(inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]), mask),
             }
         )
         return metrics

@@ -82,9 +82,10 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
-from rlpost.learners.advantages import truncated_importance_weights
+from rlpost.learners.advantages import importance_weight_stats, truncated_importance_weights
 from rlpost.learners.gae import gae, token_rewards, whiten
-from rlpost.learners.grpo import (_k3_kl, _left_pad, _masked_mean, _mean_finite, _right_pad, _unused_reward,
+from rlpost.learners import kl as kl_estimators
+from rlpost.learners.grpo import (_left_pad, _masked_mean, _mean_finite, _right_pad, _unused_reward,
                                   disable_dropout, flatten_groups, freeze_reference)
 from rollouts.buffer import RolloutGroup
 
@@ -360,7 +361,7 @@ class PPOLearner:
         mask = completion_mask.float()
         if self.reference_model is not None:
             ref_logps = self._policy_forward(self.reference_model, inputs)
-        kl = (old_logps - ref_logps) * mask if s.kl_coef > 0 else None
+        kl = kl_estimators.k1(old_logps, ref_logps) * mask if s.kl_coef > 0 else None
         per_token_rewards = token_rewards(outcome, kl, completion_mask, s.kl_coef)
         raw_advantages, returns = gae(per_token_rewards, values_old, completion_mask, s.gamma, s.lam)
         advantages = whiten(raw_advantages, completion_mask) if s.whiten_advantages else raw_advantages
@@ -392,8 +393,7 @@ class PPOLearner:
         values = self._values(hidden, batch)
         mask = batch["completion_mask"]
         vloss, clipfrac = value_loss(values, batch["values_old"], batch["returns"], mask, self.settings.cliprange_value)
-        log_ratio = (logps.detach() - batch["old_per_token_logps"])
-        approx_kl = 0.5 * ((log_ratio ** 2) * mask).sum() / mask.sum().clamp(min=1)
+        approx_kl = (kl_estimators.k2(batch["old_per_token_logps"], logps.detach()) * mask).sum() / mask.sum().clamp(min=1)
         return {"loss": policy_loss + self.settings.vf_coef * vloss, "policy_loss": policy_loss, "value_loss": vloss,
                 "value_clipfrac": clipfrac, "approx_kl": approx_kl, "values": values.detach()}
 
@@ -456,9 +456,9 @@ class PPOLearner:
             "train/return_mean": _masked_mean(inputs["returns"], mask),
             "train/advantage_mean": _masked_mean(inputs["raw_advantages"], mask),
             "rollout/logprob_mismatch_max": float(diff[fresh_mask].max()) if fresh_mask.any() else float("nan"),
-            "rollout/importance_weight_mean": _masked_mean(inputs["importance_sampling_ratio"], mask),
+            **importance_weight_stats(inputs["importance_sampling_ratio"], mask),
             "train/kl_sampler_to_learner": _masked_mean(
-                _k3_kl(inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]), mask),
+                kl_estimators.k3(inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]), mask),
         })
         if "kl_reward" in inputs:
             metrics["train/kl_reward"] = _masked_mean(inputs["kl_reward"], mask)

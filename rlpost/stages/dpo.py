@@ -220,6 +220,9 @@ def rollout_pairs(cfg: DPOStage, ctx, tokenizer) -> list[dict]:
                         f"(need more than held_out_pairs={cfg.held_out_pairs}); raise {ctx.name}.rollout_prompts or "
                         f"{ctx.name}.rollout_samples, or train the policy further first")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.out_dir / "rollouts.json").write_text(json.dumps(
+        {"samples": len(texts), "completion_tokens": sum(len(g.token_ids) for gens in outputs for g in gens),
+         "pairs": len(pairs)}))
     cache.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return pairs
 
