@@ -67,11 +67,17 @@ def load_checkpoint(path: Path, model, optimizer) -> RLState:
     """Restore weights, optimiser and RNG from `path` into `model`/`optimizer`; return the counters."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "policy" / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    from rlpost import lora
+
+    if lora.is_peft(model):  # a LoRA stage checkpoints its adapter only
+        lora.load_adapter_weights(model, path / "policy")
+    else:
+        weights = load_file(path / "policy" / "model.safetensors")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt"))
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])

@@ -20,7 +20,9 @@ import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from rlpost import lora
 from rlpost.checkpoint import RLState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlpost.learners.grpo import GRPOLearner, LearnerSettings
 from rlpost.report import JsonlLog, MetricsLog
@@ -44,6 +46,7 @@ class LoopSettings:
     learner_threads: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    lora: Any = None  # rlpost.lora.LoraSection: train adapters (see rlpost/lora.py), None: all weights
 
 
 class WorkerLink:
@@ -87,7 +90,7 @@ class WorkerLink:
             elif kind == "generations":
                 self.generations[event[1]] = event[2]
             elif kind == "ready":
-                self.startup_s = event[1]
+                self.startup_s, self.lora_sync = event[1], event[2]
             if block_for and kind == block_for:
                 return
 
@@ -147,7 +150,12 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir)
     dtype = getattr(torch, settings.dtype)
-    model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir, dtype=dtype).to(settings.device)
+    if settings.lora is not None:  # adapters on the stage's input; a checkpoint holds the adapter alone
+        model = lora.wrap(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device),
+                          settings.lora)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir,
+                                                     dtype=dtype).to(settings.device)
     def load_reference():  # the stage's starting policy, also after a resume
         return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device)
 
@@ -164,7 +172,6 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
         learner.load_extra_state(load_file(str(ckpt / EXTRA_STATE)))
     if ckpt:
         log.info("resuming from %s (step %d)", ckpt, state.step)
-    worker.model_dir = str(ckpt / "policy" if ckpt else policy_dir)
     worker.start_batch = worker.start_version = state.step
     worker.start_prompt_index = state.next_prompt_index
 
@@ -172,6 +179,12 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     ledger = JsonlLog(run_dir / "ledger.jsonl")
     ledger.truncate_after(state.step)
     publisher = WeightPublisher(run_dir.name)
+    if settings.lora is not None:  # the engine starts on the base weights and loads the current policy
+        worker.model_dir = str(policy_dir)
+        worker.lora_rank, worker.lora_sync = settings.lora.r, settings.lora.sync
+        worker.start_weights = str(publisher.publish(model, state.step, form="both")[0])
+    else:
+        worker.model_dir = str(ckpt / "policy" if ckpt else policy_dir)
     link = WorkerLink(worker, capacity=(settings.max_staleness + 1) * settings.groups_per_step)
     link.synced.append((state.step, 0.0, time.perf_counter()))  # it starts with the weights it was given
     buffer = SampleBuffer(link.samples, settings.max_staleness)
@@ -182,6 +195,11 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     try:
         link.pump(block_for="ready", timeout_s=600)
         figures["engine_startup_s"] = link.startup_s
+        if settings.lora is not None:
+            figures["lora_sync"] = link.lora_sync
+            log.info("LoRA: the rollout engine follows the learner by %s", {
+                "adapter": "adapter-only sync (vLLM LoRA)", "merged": "merged full weights"}[link.lora_sync])
+        form = "adapter" if link.lora_sync == "adapter" else "full"
         if state.step == 0 and evaluate is not None:
             metrics.log(0, _eval_scalars(evaluate(link.engine("step-0"), "step-0")))
         sent_at: dict[int, float] = {}
@@ -192,7 +210,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             waited = time.perf_counter() - wait_start
             scalars = learner.step(groups, fresh=[g.policy_version == state.step for g in groups])
             version = state.step + 1
-            directory, write_s = publisher.publish(model, version)
+            directory, write_s = publisher.publish(model, version, form)
             link.control.put(("weights", version, str(directory)))
             sent_at[version] = time.perf_counter()
             link.pump()
@@ -210,6 +228,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             scalars.update({"train/reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
                             "learner/wait_s": waited,
                             "sync/write_s": write_s,
+                            "sync/bytes": float(publisher.last_bytes),
                             "learner/update_s": scalars["train/step_s"] + write_s,
                             "loop/step_wall_s": now - last_step_end,
                             "learner/samples_per_s": scalars["train/samples"] / max(1e-9, scalars["train/step_s"])})
@@ -235,8 +254,11 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
         link.stop()
         metrics.close()
         publisher.close()
-    model.save_pretrained(run_dir / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(run_dir / "policy")
+    if settings.lora is not None:
+        lora.save_merged(model, tokenizer, run_dir / "policy", run_dir / "adapter")
+    else:
+        model.save_pretrained(run_dir / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "policy")
     figures["state"] = vars(state)
     return figures
 

@@ -106,6 +106,8 @@ def rl_stage_figures(run_dir: Path, figures: dict) -> dict:
         "generation_tokens_per_s": _mean(rows, "rollout/tokens_per_s"),
         "learner_samples_per_s": _mean(rows, "learner/samples_per_s"),
         "weight_sync_reload_s_mean": _mean(rows, "sync/reload_s"),
+        "weight_sync_bytes": _mean(rows, "sync/bytes"),
+        "lora_sync": figures.get("lora_sync"),
         "logprob_mismatch_max": max((r[k] for r in rows for k in ("rollout/logprob_mismatch_max",
                                                                    "sync/logprob_mismatch_max") if k in r),
                                     default=None),

@@ -71,7 +71,9 @@ def _disable_cpu_weight_prepacking() -> None:
 class RolloutEngine:
     """Owns one `vllm.LLM`; generates from token-id prompts and reloads weights in place."""
 
-    def __init__(self, model_dir: str | Path, settings: EngineSettings = EngineSettings()):
+    def __init__(self, model_dir: str | Path, settings: EngineSettings = EngineSettings(),
+                 lora_rank: int | None = None):
+        """`lora_rank`: start with vLLM's LoRA support for adapters up to that rank (`load_adapter`)."""
         _prepare_environment(settings)
         from vllm import LLM
 
@@ -90,6 +92,11 @@ class RolloutEngine:
         )
         if cuda_available():
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if lora_rank is not None:
+            # vLLM accepts only these maximum ranks; one adapter at a time (the current policy's)
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=min(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank))
+        self.lora_request = None
         start = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - start
@@ -113,7 +120,8 @@ class RolloutEngine:
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=seed
         )
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=use_tqdm
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=use_tqdm,
+            lora_request=self.lora_request,
         )
         return [[_to_generation(c) for c in out.outputs] for out in outputs]
 
@@ -121,6 +129,19 @@ class RolloutEngine:
         """Load the safetensors weights in `weights_dir` into the running engine; returns seconds taken."""
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        return time.perf_counter() - start
+
+    def load_adapter(self, adapter_dir: str | Path, version: int) -> float:
+        """Generate from now on with the LoRA adapter in `adapter_dir` (peft's files) on the engine's base
+        weights, loaded now (`LLMEngine.add_lora`), the previous adapter dropped; returns seconds taken."""
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        request = LoRARequest(f"policy-v{version}", version + 1, str(adapter_dir))  # ids must be > 0
+        self.llm.llm_engine.add_lora(request)
+        if self.lora_request is not None and self.lora_request.lora_int_id != request.lora_int_id:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+        self.lora_request = request
         return time.perf_counter() - start
 
     def close(self) -> None:

@@ -140,13 +140,45 @@ def shared_memory_root(tag: str) -> Path:
 
 
 def exportable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as vLLM loads them: contiguous, and without the tied output embedding."""
+    """The model's weights as vLLM loads them: contiguous, without the tied output embedding, and for
+    a peft LoRA model the merged weights W + scaling * B A under the base model's names."""
+    from peft import PeftModel
+
     tied = getattr(model.config, "tie_word_embeddings", False)
-    return {
-        name: tensor.detach().contiguous()
-        for name, tensor in model.state_dict().items()
-        if not (tied and name == "lm_head.weight")
-    }
+    if isinstance(model, PeftModel):
+        state = merged_state_dict(model)
+    else:
+        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    return {name: tensor for name, tensor in state.items() if not (tied and name == "lm_head.weight")}
+
+
+def merged_state_dict(model) -> dict:
+    """The full weights a peft LoRA model computes, W + scaling * B A per adapted layer, under the base
+    model's own parameter names; the model itself is not modified (no merge/unmerge round trip, which
+    would drift the base weights by rounding a little at every sync)."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        deltas = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        key = f"{name}.base_layer.weight"
+                        deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter)
+        return {base_name(key): (tensor + deltas[key] if key in deltas else tensor).detach().contiguous()
+                for key, tensor in model.state_dict().items() if "lora_" not in key}
+
+
+def base_name(peft_key: str) -> str:
+    """`base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight` -> `model.layers.0.self_attn.q_proj.weight`."""
+    return peft_key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def adapter_dir(version_dir: str | Path) -> Path:
+    """Where a published version keeps a LoRA adapter (apart from full weights, which vLLM's
+    `reload_weights` reads from every safetensors file directly in the version's directory)."""
+    return Path(version_dir) / "adapter"
 
 
 class WeightPublisher:
@@ -160,11 +192,22 @@ class WeightPublisher:
         self.keep = keep
         self._published: list[Path] = []
 
-    def publish(self, model: torch.nn.Module, version: int) -> tuple[Path, float]:
+    def publish(self, model: torch.nn.Module, version: int, form: str = "full") -> tuple[Path, float]:
+        """Write `version` of `model`; returns its directory and the seconds taken (`last_bytes`: its size).
+
+        `form`: "full" (model.safetensors: all weights, merged for a LoRA model), "adapter" (a peft
+        LoRA model's adapter files only, in `adapter/`, which `adapter_dir` names) or "both" (the
+        start of a LoRA run, before the engine has said which it loads)."""
+        if form not in ("full", "adapter", "both"):
+            raise ValueError(f"form {form!r}: use 'full', 'adapter' or 'both'")
         start = time.perf_counter()
         directory = self.root / f"v{version:06d}"
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(exportable_state_dict(model), directory / "model.safetensors")
+        if form in ("adapter", "both"):
+            model.save_pretrained(str(adapter_dir(directory)), safe_serialization=True)  # peft: adapter only
+        if form in ("full", "both"):
+            save_file(exportable_state_dict(model), directory / "model.safetensors")
+        self.last_bytes = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
         self._published.append(directory)
         while len(self._published) > self.keep:
             shutil.rmtree(self._published.pop(0), ignore_errors=True)

@@ -3,23 +3,31 @@
 Protocol (all messages are plain picklable tuples):
 
     learner -> worker (control queue)
-        ("weights", version, directory)   reload weights in place; later batches carry `version`
+        ("weights", version, directory)   reload weights in place (or, LoRA with adapter sync, switch to
+                                          the adapter in `directory`); later batches carry `version`
         ("generate", tag, prompt_ids, sampling)   completions per prompt with the current weights
                                           (evaluation, logprob probes); sampling = RolloutEngine.generate keywords
         ("stop",)
     worker -> learner
         samples queue: RolloutGroup, one per prompt, bounded; a reward is None where the reward
                        pool masked the sample (the learner does not train on it)
-        events queue:  ("ready", startup_s) | ("synced", version, reload_s)
+        events queue:  ("ready", startup_s, lora_sync) | ("synced", version, reload_s)
                        | ("generated", metrics) | ("generations", tag, [Generation]) | ("error", traceback)
 
 Batch `b` (the batch the learner consumes at step `b`) is generated only when the loaded weights
 are recent enough for it to arrive within the staleness bound (`buffer.may_generate`); with
 `max_staleness = 0` the worker waits for each step's weights before generating the next batch.
+
+LoRA (`lora_rank` set): with `lora_sync` "adapter" or "auto" the engine starts with vLLM's LoRA
+support and every sync is an adapter; "auto" falls back to merged full weights when the engine
+cannot start with LoRA, and the "ready" event says which one runs ("adapter" | "merged"; None
+without LoRA). `start_weights` is a directory the learner published before the start (a resumed
+LoRA run): loaded before the first batch, as an adapter or as full weights.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import time
@@ -31,6 +39,9 @@ from rewards.registry import RewardSpec
 from rollouts.buffer import RolloutGroup, may_generate
 from rollouts.engine import EngineSettings
 from rollouts.prompts import PromptSource
+from rollouts.weight_sync import adapter_dir
+
+log = logging.getLogger("rollouts.worker")
 
 
 @dataclass
@@ -50,6 +61,9 @@ class WorkerSpec:
     reward_workers: int = 2
     torch_threads: int = 1
     engine: EngineSettings = field(default_factory=EngineSettings)
+    lora_rank: int | None = None
+    lora_sync: str = "auto"
+    start_weights: str | None = None
 
 
 def worker_main(spec: WorkerSpec, samples, control, events) -> None:
@@ -66,16 +80,17 @@ def _run(spec: WorkerSpec, samples, control, events) -> None:
     from transformers import AutoTokenizer
 
     from rewards.pool import RewardPool
-    from rollouts.engine import RolloutEngine
 
     torch.set_num_threads(spec.torch_threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.torch_threads))
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
-    engine = RolloutEngine(spec.model_dir, spec.engine)
+    engine, lora_sync = _start_engine(spec)
+    if spec.start_weights is not None:
+        _load(engine, lora_sync, spec.start_weights, spec.start_version)
     version, batch, next_prompt = spec.start_version, spec.start_batch, spec.start_prompt_index
     parent = os.getppid()
     with RewardPool(spec.rewards, workers=spec.reward_workers) as pool:
-        events.put(("ready", engine.startup_s))
+        events.put(("ready", engine.startup_s, lora_sync))
         while True:
             if os.getppid() != parent:  # the learner was killed: nobody will consume our samples
                 break
@@ -87,7 +102,7 @@ def _run(spec: WorkerSpec, samples, control, events) -> None:
                     break
                 if kind == "weights":
                     _, version, directory = message
-                    events.put(("synced", version, engine.reload_weights(directory)))
+                    events.put(("synced", version, _load(engine, lora_sync, directory, version)))
                 elif kind == "generate":
                     _, tag, prompt_ids, sampling = message
                     events.put(("generations", tag, engine.generate(prompt_ids, **sampling)))
@@ -97,6 +112,29 @@ def _run(spec: WorkerSpec, samples, control, events) -> None:
             batch += 1
             next_prompt += spec.groups_per_batch
     engine.close()
+
+
+def _start_engine(spec: WorkerSpec):
+    """(engine, lora_sync): LoRA-enabled when the spec asks for adapter sync and vLLM supports it."""
+    from rollouts.engine import RolloutEngine
+
+    if spec.lora_rank is None:
+        return RolloutEngine(spec.model_dir, spec.engine), None
+    if spec.lora_sync in ("adapter", "auto"):
+        try:
+            return RolloutEngine(spec.model_dir, spec.engine, lora_rank=spec.lora_rank), "adapter"
+        except Exception as exc:  # noqa: BLE001 - vLLM's own error names what it lacks
+            if spec.lora_sync == "adapter":
+                raise RuntimeError(f"vLLM cannot run LoRA adapters for {spec.model_dir} ({exc}); set the stage's "
+                                   f"lora.sync to 'merged' or 'auto'") from exc
+            log.warning("vLLM cannot run LoRA adapters here (%s); syncing merged weights instead", exc)
+    return RolloutEngine(spec.model_dir, spec.engine), "merged"
+
+
+def _load(engine, lora_sync: str | None, directory: str, version: int) -> float:
+    if lora_sync == "adapter":
+        return engine.load_adapter(adapter_dir(directory), version)
+    return engine.reload_weights(directory)
 
 
 def _next_message(control, block: bool):

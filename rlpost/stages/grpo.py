@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from rlpost.config import setting
 from rlpost.errors import UserError
+from rlpost.lora import LoraSection
 from rlpost.recipe import where
 from rlpost.stages.rollout_stage import check_rollout_context
 
@@ -57,6 +58,8 @@ class GRPOStage:
     rewards: list = setting(["arithmetic_exact"], "reward functions: names, dotted paths or "
                                                   "{name, weight, timeout_s, args}")
     reward_workers: int = setting(2, "processes scoring rewards")
+    lora: LoraSection | None = setting(None, "train LoRA adapters instead of all weights: {r, alpha, dropout, "
+                                             "target_modules, sync} (rlpost/lora.py); none: full fine-tuning")
 
 
 def check_grpo(cfg: GRPOStage, recipe, name: str) -> None:

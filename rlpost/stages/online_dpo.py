@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from rlpost.config import setting
 from rlpost.errors import UserError
+from rlpost.lora import LoraSection
 from rlpost.recipe import where
 from rlpost.stages.rollout_stage import check_rollout_context
 
@@ -46,6 +47,8 @@ class OnlineDPOStage:
     reward_workers: int = setting(2, "processes scoring rewards")
     save_steps: int = setting(25, "checkpoint every N steps")
     eval_steps: int = setting(25, "evaluate the first `eval` entry every N steps")
+    lora: LoraSection | None = setting(None, "train LoRA adapters instead of all weights: {r, alpha, dropout, "
+                                             "target_modules, sync} (rlpost/lora.py); none: full fine-tuning")
 
 
 def check_online_dpo(cfg: OnlineDPOStage, recipe, name: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from rlpost.config import setting
 from rlpost.errors import UserError
+from rlpost.lora import LoraSection
 from rlpost.recipe import where
 from rlpost.stages.rollout_stage import check_rollout_context
 
@@ -57,6 +58,8 @@ class PPOStage:
                                        "its own head", choices=("head", "separate"))
     max_grad_norm: float = setting(1.0, "TRL GRPOConfig: gradient clipping (policy and value model together)")
     vllm_importance_sampling_cap: float = setting(2.0, "TRL GRPOConfig: truncation of sampler importance weights")
+    lora: LoraSection | None = setting(None, "train LoRA adapters instead of all weights: {r, alpha, dropout, "
+                                             "target_modules, sync} (rlpost/lora.py); none: full fine-tuning")
 
 
 def _fail(recipe, name: str, key: str, message: str) -> UserError:

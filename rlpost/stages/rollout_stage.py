@@ -10,6 +10,7 @@ satisfy against the rest of the recipe; `run_on_rollouts` starts the rollout wor
 from __future__ import annotations
 
 from rlpost.errors import UserError
+from rlpost.lora import check_lora
 from rlpost.recipe import where
 
 
@@ -18,6 +19,7 @@ def check_rollout_context(cfg, recipe, name: str, prompts_key: str = "prompts_pe
     the completion budget (also used by the rejection stage, which samples prompts per round)."""
     from rewards.registry import parse_reward_specs, resolve
 
+    check_stage_lora(cfg, recipe, name)
     try:
         for spec in parse_reward_specs(cfg.rewards):
             resolve(spec.name)
@@ -36,6 +38,14 @@ def check_rollout_context(cfg, recipe, name: str, prompts_key: str = "prompts_pe
         raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' "
                         f"({cfg.max_completion_length}) leaves no room for a prompt within max_model_len {limit}; "
                         f"raise model.max_model_len or lower it")
+
+
+def check_stage_lora(cfg, recipe, name: str) -> None:
+    """The stage's `lora` section, if any, makes sense (errors name the key and where it was set)."""
+    def fail(key: str, message: str):
+        raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' {message}")
+
+    check_lora(getattr(cfg, "lora", None), fail)
 
 
 def run_on_rollouts(cfg, ctx, *, learner_factory=None, grpo_settings=None) -> dict:
@@ -57,7 +67,8 @@ def run_on_rollouts(cfg, ctx, *, learner_factory=None, grpo_settings=None) -> di
                         reward_workers=cfg.reward_workers, torch_threads=m.threads, engine=ctx.engine_settings)
     settings = LoopSettings(max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step,
                             max_staleness=cfg.max_staleness, checkpoint_every=cfg.save_steps,
-                            eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device, dtype=m.dtype)
+                            eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device, dtype=m.dtype,
+                            lora=getattr(cfg, "lora", None))
     if grpo_settings is not None:
         settings.learner = grpo_settings
     with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:

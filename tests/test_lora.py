@@ -1,0 +1,162 @@
+"""LoRA (rlpost/lora.py): merged weights, what a sync moves, and real runs whose vLLM sampling
+logprobs match the learner's after every sync, by adapter-only sync and by merged weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlpost import lora
+from rlpost.lora import LoraSection
+from rlpost.modeling import ModelShape, build_model, build_tokenizer
+from rollouts.weight_sync import WeightPublisher, adapter_dir, base_name, exportable_state_dict
+from tests.spine_helpers import copy_sft, make_tiny_sft_run, quickstart_cmd, run
+
+
+def tiny_lora_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(build_tokenizer(), ModelShape(32, 1, 2, 1, 32, 32, 0.0), seed=seed)
+    wrapped = lora.wrap(model, LoraSection(r=4, alpha=8.0))
+    with torch.no_grad():  # B = 0 at init; give the adapters a value so merging matters
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return wrapped
+
+
+def test_peft_key_names_map_to_the_base_model():
+    assert base_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert base_name("base_model.model.lm_head.weight") == "lm_head.weight"
+
+
+def test_merged_state_dict_is_w_plus_scaled_ba_and_leaves_the_model_untouched():
+    """W' = W + (alpha / r) B A for each adapted layer, the same as peft's merge_and_unload, names
+    those of the plain model; the trained model keeps its separate base and adapter weights."""
+    model = tiny_lora_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = exportable_state_dict(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    by_hand = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], by_hand, atol=1e-6)
+    reference = model.merge_and_unload().state_dict()
+    assert set(merged) == set(reference) - {"lm_head.weight"}  # tied head left out, as for any model
+    for key, value in merged.items():
+        assert torch.allclose(value, reference[key], atol=1e-6), key
+
+
+def test_adapter_sync_moves_fewer_bytes_than_full(tmp_path, monkeypatch):
+    monkeypatch.setattr("rollouts.weight_sync.shared_memory_base", lambda: tmp_path)
+    model = tiny_lora_model()
+    publisher = WeightPublisher("lora-test")
+    try:
+        full_dir, _ = publisher.publish(model, 1, form="full")
+        full = publisher.last_bytes
+        adapter, _ = publisher.publish(model, 2, form="adapter")
+        small = publisher.last_bytes
+        both, _ = publisher.publish(model, 3, form="both")
+        assert (full_dir / "model.safetensors").exists() and not adapter_dir(full_dir).exists()
+        assert (adapter_dir(adapter) / "adapter_model.safetensors").exists()
+        assert not (adapter / "model.safetensors").exists()
+        assert (both / "model.safetensors").exists() and (adapter_dir(both) / "adapter_config.json").exists()
+        assert small < full / 2, (small, full)
+    finally:
+        publisher.close()
+
+
+def test_checkpoint_round_trip_restores_the_adapter(tmp_path):
+    from rlpost.checkpoint import RLState, load_checkpoint, save_checkpoint
+
+    model = tiny_lora_model(seed=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    save_checkpoint(tmp_path, model, build_tokenizer(), opt, RLState(step=3))
+    ckpt = next((tmp_path / "checkpoints").glob("step-*"))
+    assert not (ckpt / "policy" / "model.safetensors").exists()  # the adapter only
+    fresh = lora.wrap(build_model(build_tokenizer(), ModelShape(32, 1, 2, 1, 32, 32, 0.0), seed=1),
+                      LoraSection(r=4, alpha=8.0))
+    fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad])
+    assert load_checkpoint(ckpt, fresh, fresh_opt).step == 3
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_bad_lora_key_names_it(tmp_path):
+    result = run(quickstart_cmd(tmp_path, "grpo.lora={r: 0}"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "grpo.lora.r" in result.stderr and "must be >= 1" in result.stderr
+
+
+# ----------------------------------------------------------------------------- real runs
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    return make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
+
+
+def lora_cmd(run_dir: Path, sync: str) -> list[str]:
+    """4 synchronous GRPO steps with LoRA and a length reward (every group has a spread, so every step
+    moves the adapter), a large learning rate, and the vLLM/learner probe after every step's sync."""
+    return quickstart_cmd(run_dir, "grpo.max_steps=4", "grpo.max_staleness=0", "grpo.eval_steps=1",
+                          "grpo.learning_rate=0.02", "grpo.rewards=['tests.reward_fixtures:length_reward']",
+                          f"grpo.lora={{r: 8, alpha: 16, sync: {sync}}}")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def policy_logprobs(policy: Path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ["adapter", "merged"])
+def test_lora_run_sampling_matches_learner_after_every_sync(sft_run, tmp_path, sync):
+    copy_sft(sft_run, tmp_path)
+    result = run(lora_cmd(tmp_path, sync))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "grpo" / "stage.json").read_text())
+    assert record["lora_sync"] == sync
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows if "sync/logprob_mismatch_max" in r] == [1, 2, 3, 4]
+    assert max(r["sync/logprob_mismatch_max"] for r in rows if "sync/logprob_mismatch_max" in r) <= 1e-3
+    # on-policy batches: each was sampled after the previous step's sync, and matches the learner's pi_old
+    assert max(r["rollout/logprob_mismatch_max"] for r in rows if r["step"] > 0) <= 1e-3
+    assert all(r["train/grad_norm"] > 0 for r in rows if r["step"] > 0)
+    # the parity means something: the adapters moved the policy well beyond the tolerance
+    ids = [1, 5, 6, 7, 8]
+    moved = (policy_logprobs(tmp_path / "grpo" / "policy", ids) - policy_logprobs(tmp_path / "sft" / "policy", ids))
+    assert float(moved.abs().max()) > 1e-2
+    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").exists()
+    sizes = {r["sync/bytes"] for r in rows if "sync/bytes" in r}
+    full = (tmp_path / "sft" / "policy" / "model.safetensors").stat().st_size
+    assert all((s < full / 2) if sync == "adapter" else (s > full / 2) for s in sizes), (sizes, full)
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_from_its_adapter_checkpoint(sft_run, tmp_path):
+    """A LoRA run's checkpoints hold the adapter; removing the last one (and the outputs) makes the same
+    command resume from step 2 and redo steps 3-4 with no gap or repeat in the ledger."""
+    copy_sft(sft_run, tmp_path)
+    result = run(lora_cmd(tmp_path, "adapter"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = tmp_path / "grpo"
+    for path in (stage / "stage.json", tmp_path / "summary.json", stage / "checkpoints" / "step-000004"):
+        assert path.exists(), path
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    again = run(lora_cmd(tmp_path, "adapter"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr and "step-000002" in again.stderr
+    rows = [json.loads(line) for line in (stage / "ledger.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [i for r in rows for i in r["prompt_indices"]] == list(range(16))
