@@ -254,11 +254,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
         link.stop()
         metrics.close()
         publisher.close()
-    if settings.lora is not None:
-        lora.save_merged(model, tokenizer, run_dir / "policy", run_dir / "adapter")
-    else:
-        model.save_pretrained(run_dir / "policy", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "policy")
+    lora.save_policy(model, tokenizer, run_dir / "policy")
     figures["state"] = vars(state)
     return figures
 

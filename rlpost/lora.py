@@ -98,9 +98,17 @@ def save_adapter(model, directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("adapter_"))
 
 
-def save_merged(model, tokenizer, policy_dir: Path, adapter_dir: Path) -> None:
-    """A finished LoRA stage's outputs: the merged model in `policy_dir`, the adapter in `adapter_dir`."""
-    save_adapter(model, adapter_dir)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(str(policy_dir), safe_serialization=True)
+def save_policy(model, tokenizer, policy_dir: Path) -> None:
+    """A stage's output policy: an ordinary model directory. For a LoRA model, the merged weights there
+    and the adapter alone beside it (`policy_dir/../adapter`); the model is merged in place."""
+    policy_dir = Path(policy_dir)
+    if is_peft(model):
+        save_adapter(model, policy_dir.parent / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(str(policy_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(policy_dir))
+
+
+def maybe_wrap(model, lora: LoraSection | None):
+    """`wrap(model, lora)`, or `model` itself for full fine-tuning (lora None)."""
+    return model if lora is None else wrap(model, lora)

@@ -261,5 +261,13 @@ def check_relations(recipe: Any) -> None:
         from rlpost.training_data import TrainingData
 
         TrainingData(recipe.data, recipe.seed).pool_size()
+    from rlpost.lora import check_lora
+
     for entry in recipe.stage_entries:
-        STAGES[entry.type].check(getattr(recipe, entry.name), recipe, entry.name)
+        cfg, name = getattr(recipe, entry.name), entry.name
+
+        def fail(key: str, message: str, name=name):
+            raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' {message}")
+
+        check_lora(getattr(cfg, "lora", None), fail)  # every stage's `lora` section (rlpost/lora.py)
+        STAGES[entry.type].check(cfg, recipe, name)

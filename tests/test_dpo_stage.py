@@ -260,3 +260,19 @@ def test_tulu3_recipe_loads_and_checks_its_rollout_keys():
         load_recipe(tulu3, ["dpo.rollout_samples=1"])
     with pytest.raises(UserError, match="dpo.rollout_temperature"):
         load_recipe(tulu3, ["dpo.rollout_temperature=0"])
+
+
+def test_dpo_with_lora_trains_a_low_rank_update(tmp_path, dpo_registered, one_thread):
+    """`lora: {r: 4}`: TRL's DPOTrainer trains peft adapters; the stage writes the merged policy (an ordinary
+    model directory) and the adapter; each adapted weight moved by a matrix of rank <= 4, and the policy
+    still learns the preference."""
+    from transformers import AutoModelForCausalLM
+
+    record, ctx = run_stage(tmp_path, 0, lora={"r": 4, "alpha": 32}, learning_rate=2e-3)
+    assert record["held_out_accuracy_after"] >= record["held_out_accuracy_before"] + 0.2, record
+    assert (ctx.out_dir / "adapter" / "adapter_model.safetensors").exists()
+    trained = AutoModelForCausalLM.from_pretrained(ctx.out_dir / "policy").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(ctx.policy_in).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert int(torch.linalg.matrix_rank(trained[q] - start[q], atol=1e-6)) in range(1, 5)
+    assert torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not adapted

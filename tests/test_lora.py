@@ -160,3 +160,20 @@ def test_lora_run_resumes_from_its_adapter_checkpoint(sft_run, tmp_path):
     rows = [json.loads(line) for line in (stage / "ledger.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [i for r in rows for i in r["prompt_indices"]] == list(range(16))
+
+
+def test_sft_stage_with_lora_writes_a_merged_low_rank_update(tmp_path):
+    """The SFT stage (TRL's SFTTrainer, as the rejection stage's rounds use it) with `lora`: the merged
+    policy differs from its input by a rank <= r matrix per adapted weight; the adapter is beside it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.spine_helpers import sft_only_recipe
+
+    result = run(quickstart_cmd(tmp_path, "sft.lora={r: 2}", "sft.learning_rate=0.01",
+                                recipe=sft_only_recipe(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "policy").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "initial" / "policy").state_dict()
+    for key in ("model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert int(torch.linalg.matrix_rank(trained[key] - start[key], atol=1e-6)) in (1, 2), key

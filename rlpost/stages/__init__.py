@@ -11,7 +11,8 @@ what runs, evaluates after every stage and writes the report. Add a learner by a
 sft (SFTTrainer), grpo (async vLLM rollouts + TRL's GRPO loss; RLOO advantages as an option),
 dpo (DPOTrainer on preference pairs), rejection (sample, keep the verified, SFT; repeat),
 online_dpo (best vs worst sample of each rollout group, TRL's DPO loss, asynchronous like grpo),
-ppo (a value head or separate value model, GAE, clipped policy and value losses, on TRL's loss).
+ppo (a value head or separate value model, GAE, clipped policy and value losses, on TRL's loss),
+prime (grpo's loss with per-token advantages from an implicit PRM trained online on outcome labels).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rlpost.stages.dpo import DPOStage, check_dpo, run_dpo
 from rlpost.stages.grpo import GRPOStage, check_grpo, run_grpo
 from rlpost.stages.online_dpo import OnlineDPOStage, check_online_dpo, run_online_dpo
 from rlpost.stages.ppo import PPOStage, check_ppo, run_ppo
+from rlpost.stages.prime import PrimeStage, check_prime, run_prime
 from rlpost.stages.rejection import RejectionStage, check_rejection, run_rejection
 from rlpost.stages.sft import SFTStage, check_sft, run_sft_stage
 
@@ -56,4 +58,5 @@ STAGES: dict[str, StageType] = {
     "rejection": StageType(RejectionStage, run_rejection, check_rejection),
     "online_dpo": StageType(OnlineDPOStage, run_online_dpo, check_online_dpo),
     "ppo": StageType(PPOStage, run_ppo, check_ppo),
+    "prime": StageType(PrimeStage, run_prime, check_prime),
 }

@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlpost.config import setting
+from rlpost import lora
 from rlpost.errors import UserError
+from rlpost.lora import LoraSection
 from rlpost.recipe import where
 
 log = logging.getLogger("rlpost.dpo")
@@ -86,6 +88,8 @@ class DPOStage:
                                                     "training instead of keeping a second copy of the model")
     gradient_checkpointing: bool = setting(False, "TRL DPOConfig: recompute activations in the backward pass (less "
                                                   "memory for large models, ~20% slower; TRL's default is on)")
+    lora: LoraSection | None = setting(None, "train LoRA adapters instead of all weights: {r, alpha, dropout, "
+                                             "target_modules, sync} (rlpost/lora.py); none: full fine-tuning")
 
 
 def check_dpo(cfg: DPOStage, recipe, name: str) -> None:
@@ -386,7 +390,7 @@ def run_dpo(cfg: DPOStage, ctx) -> dict:
         disable_dropout(model)
         return model
 
-    model = load()
+    model = lora.maybe_wrap(load(), cfg.lora)
     ref_model = None
     if not cfg.precompute_ref_log_probs:
         ref_model = load().eval().requires_grad_(False)
@@ -422,8 +426,7 @@ def run_dpo(cfg: DPOStage, ctx) -> dict:
     writer.close()
 
     after = sequence_logps(model, held, tokenizer.pad_token_id, cfg.max_length)
-    model.save_pretrained(ctx.out_dir / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(ctx.out_dir / "policy")
+    lora.save_policy(model, tokenizer, ctx.out_dir / "policy")
 
     acc_before, acc_after = preference_accuracy(*before), preference_accuracy(*after)
     reward_accuracy = None

@@ -54,7 +54,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rlpost.config import setting
+from rlpost import lora
 from rlpost.errors import UserError
+from rlpost.lora import LoraSection
 from rlpost.recipe import where
 from rlpost.stages.rollout_stage import check_rollout_context
 
@@ -81,6 +83,8 @@ class RejectionStage:
     learning_rate: float = setting(1e-4, "TRL SFTConfig.learning_rate (AdamW, constant, no warm-up)")
     per_device_train_batch_size: int = setting(64, "TRL SFTConfig: kept samples per optimiser step")
     num_train_epochs: int = setting(2, "TRL SFTConfig: epochs over each round's kept samples")
+    lora: LoraSection | None = setting(None, "train LoRA adapters instead of all weights: {r, alpha, dropout, "
+                                             "target_modules, sync} (rlpost/lora.py); none: full fine-tuning")
 
 
 def check_rejection(cfg: RejectionStage, recipe, name: str) -> None:
@@ -257,14 +261,14 @@ def _train(cfg, ctx, policy: Path, tokenizer, rows: list[dict], round_dir: Path)
     from rlpost.sft import run_sft
     from rlpost.stages.sft import _dtype
 
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=_dtype(ctx.recipe.model.dtype)).to(ctx.device)
+    model = lora.maybe_wrap(AutoModelForCausalLM.from_pretrained(policy, dtype=_dtype(ctx.recipe.model.dtype))
+                            .to(ctx.device), cfg.lora)
     sft = SimpleNamespace(learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.per_device_train_batch_size,
                           num_train_epochs=cfg.num_train_epochs, warmup_steps=0, lr_scheduler_type="constant",
                           eval_every_epochs=1, patience=1)
     result = run_sft(model, tokenizer, rows, None, out_dir=round_dir / "trainer", cfg=sft, seed=ctx.recipe.seed,
                      use_cpu=ctx.device == "cpu")
-    model.save_pretrained(round_dir / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(round_dir / "policy")
+    lora.save_policy(model, tokenizer, round_dir / "policy")
     del model
     _release_memory()
     return result.wall_s

@@ -1,4 +1,4 @@
-"""What every stage that learns from the asynchronous rollout stream shares (grpo, online_dpo, ppo).
+"""What every stage that learns from the asynchronous rollout stream shares (grpo, online_dpo, ppo, prime).
 
 Those stages have the same rollout keys (`max_steps`, `num_generations`, `prompts_per_step`,
 `temperature`, `max_completion_length`, `max_staleness`, `rewards`, `reward_workers`, `save_steps`,
@@ -10,7 +10,6 @@ satisfy against the rest of the recipe; `run_on_rollouts` starts the rollout wor
 from __future__ import annotations
 
 from rlpost.errors import UserError
-from rlpost.lora import check_lora
 from rlpost.recipe import where
 
 
@@ -19,7 +18,6 @@ def check_rollout_context(cfg, recipe, name: str, prompts_key: str = "prompts_pe
     the completion budget (also used by the rejection stage, which samples prompts per round)."""
     from rewards.registry import parse_reward_specs, resolve
 
-    check_stage_lora(cfg, recipe, name)
     try:
         for spec in parse_reward_specs(cfg.rewards):
             resolve(spec.name)
@@ -38,14 +36,6 @@ def check_rollout_context(cfg, recipe, name: str, prompts_key: str = "prompts_pe
         raise UserError(f"{where(recipe, f'{name}.max_completion_length')}: '{name}.max_completion_length' "
                         f"({cfg.max_completion_length}) leaves no room for a prompt within max_model_len {limit}; "
                         f"raise model.max_model_len or lower it")
-
-
-def check_stage_lora(cfg, recipe, name: str) -> None:
-    """The stage's `lora` section, if any, makes sense (errors name the key and where it was set)."""
-    def fail(key: str, message: str):
-        raise UserError(f"{where(recipe, f'{name}.{key}')}: key '{name}.{key}' {message}")
-
-    check_lora(getattr(cfg, "lora", None), fail)
 
 
 def run_on_rollouts(cfg, ctx, *, learner_factory=None, grpo_settings=None) -> dict:

@@ -16,7 +16,9 @@ import logging
 from dataclasses import dataclass
 
 from rlpost.config import setting
+from rlpost import lora
 from rlpost.errors import UserError
+from rlpost.lora import LoraSection
 from rlpost.recipe import where
 
 log = logging.getLogger("rlpost.sft")
@@ -38,6 +40,8 @@ class SFTStage:
     verifier: str | None = setting(None, "dataset sources: checker for validation (math, addition, or a "
                                          "reward name); None trains num_train_epochs without validation")
     max_tokens: int = setting(6, "completion budget when validating")
+    lora: LoraSection | None = setting(None, "train LoRA adapters instead of all weights: {r, alpha, dropout, "
+                                             "target_modules, sync} (rlpost/lora.py); none: full fine-tuning")
 
 
 def check_sft(cfg: SFTStage, recipe, name: str) -> None:
@@ -65,7 +69,8 @@ def run_sft_stage(cfg: SFTStage, ctx) -> dict:
     from rlpost.sft import greedy_completions, run_sft
 
     tokenizer = AutoTokenizer.from_pretrained(ctx.policy_in)
-    model = AutoModelForCausalLM.from_pretrained(ctx.policy_in, dtype=_dtype(ctx.recipe.model.dtype)).to(ctx.device)
+    model = lora.maybe_wrap(AutoModelForCausalLM.from_pretrained(ctx.policy_in, dtype=_dtype(ctx.recipe.model.dtype))
+                            .to(ctx.device), cfg.lora)
     fmt = ctx.data.format
     demos = ctx.data.demonstrations(cfg.demonstrations, cfg.completion_column)
     if ctx.recipe.data.decontaminate_against:
@@ -87,8 +92,7 @@ def run_sft_stage(cfg: SFTStage, ctx) -> dict:
 
     result = run_sft(model, tokenizer, rows, validate, out_dir=ctx.out_dir / "trainer", cfg=cfg,
                      seed=ctx.recipe.seed, use_cpu=ctx.device == "cpu")
-    model.save_pretrained(ctx.out_dir / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(ctx.out_dir / "policy")
+    lora.save_policy(model, tokenizer, ctx.out_dir / "policy")
     record = {"best_val_accuracy": result.best_accuracy, "best_epoch": result.best_epoch,
               "epochs_run": result.epochs_run, "history": result.history, "wall_s": result.wall_s,
               "demonstrations": len(rows),
