@@ -8,10 +8,10 @@
 2. Runs each algorithm as a one-stage recipe from that checkpoint, for every seed, with the same
    sample budget B = steps x 8 prompts x 16 samples (12,800 at the default 100 steps):
    GRPO and RLOO (`grpo` stage, advantage_estimator grpo / rloo), PPO (`ppo`, value head + GAE),
-   online DPO (`online_dpo`, best vs worst of each prompt's 16), all four on the asynchronous loop at
-   `max_staleness` 2; offline DPO (`dpo`, pairs from B samples of the SFT policy drawn once, 2 epochs);
+   online DPO (`online_dpo`, best vs worst of each prompt's 16), PRIME (`prime`, GRPO's loss with
+   implicit process rewards), all five on the asynchronous loop at `max_staleness` 2; offline DPO (`dpo`, pairs from B samples of the SFT policy drawn once, 2 epochs);
    rejection sampling (`rejection`, 4 rounds of B/4 samples, SFT on the verified ones).
-3. Runs the four RL algorithms again at each other `--staleness` value on `--staleness-seeds`.
+3. Runs GRPO, RLOO, PPO and online DPO again at each other `--staleness` value on `--staleness-seeds`.
 
 Prints two markdown tables (and writes ROOT/algorithms.json):
 - per algorithm: held-out accuracy (1000 prompts, greedy) of each seed with its 95% Wilson interval,
@@ -42,7 +42,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 PROMPTS, SAMPLES = 8, 16
-RL = ("grpo", "rloo", "ppo", "online_dpo")
+RL = ("grpo", "rloo", "ppo", "online_dpo", "prime")
+SWEPT = ("grpo", "rloo", "ppo", "online_dpo")  # the staleness table's algorithms
 ALL = RL + ("offline_dpo", "rejection")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% t quantiles by sample count
 
@@ -58,6 +59,7 @@ def stage(algorithm: str, steps: int, staleness: int) -> dict:
         "rloo": {"type": "grpo", **rl, "beta": 0.0, "advantage_estimator": "rloo"},
         "ppo": {"type": "ppo", **rl},
         "online_dpo": {"type": "online_dpo", **rl},
+        "prime": {"type": "prime", **rl, "beta": 0.0},
         "offline_dpo": {"type": "dpo", "pairs": "rollouts", "rollout_prompts": budget_prompts,
                         "rollout_samples": SAMPLES, "rollout_max_tokens": 6, "rewards": ["arithmetic_exact"],
                         "held_out_pairs": 100, "loss_type": "sigmoid", "beta": 0.1, "learning_rate": 1.0e-4,
@@ -142,7 +144,7 @@ def main() -> None:
 
     results = []
     for algorithm in args.algorithms:
-        bounds = sorted({2} | set(args.staleness)) if algorithm in RL else [None]
+        bounds = [None] if algorithm not in RL else sorted({2} | set(args.staleness)) if algorithm in SWEPT else [2]
         for bound in bounds:
             seeds = args.seeds if bound in (2, None) else args.staleness_seeds
             for seed in seeds:
@@ -179,7 +181,7 @@ def main() -> None:
           "IS weight mean | IS weight min | IS weight max |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        if r["max_staleness"] is None or (r["max_staleness"] == 2 and r["seed"] not in args.staleness_seeds):
+        if r["algorithm"] not in SWEPT or (r["max_staleness"] == 2 and r["seed"] not in args.staleness_seeds):
             continue
         s = r["staleness"]
         weights = (f"{s['is_mean']:.4f} | {s['is_min']:.3f} | {s['is_max']:.3f}" if "is_mean" in s
