@@ -9,12 +9,15 @@ checkpoint intact.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("rlpost.checkpoint")
 
 
 @dataclass
@@ -83,3 +86,22 @@ def load_checkpoint(path: Path, model, optimizer) -> RLState:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return RLState(**json.loads((path / "state.json").read_text()))
+
+
+def last_trainer_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete `checkpoint-N` a transformers Trainer wrote in `output_dir`, for
+    `train(resume_from_checkpoint=...)`; None when there is none.
+
+    The Trainer writes a checkpoint in place, `trainer_state.json` last, and `get_last_checkpoint`
+    takes the highest N without looking inside: a run killed while writing one would resume from a
+    half-written folder. A folder without `trainer_state.json` is removed here instead."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    for folder in output_dir.glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / "trainer_state.json").exists():
+            log.warning("removing %s: a trainer checkpoint left incomplete by a killed run", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return get_last_checkpoint(str(output_dir))

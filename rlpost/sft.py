@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+
+from rlpost.checkpoint import last_trainer_checkpoint
 
 log = logging.getLogger("rlpost.sft")
 _STOPPING_STATE = "early_stopping.json"
@@ -170,7 +171,7 @@ def run_sft(model, tokenizer, rows: list[dict], validate, *, out_dir: Path, cfg,
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # the final metrics dict; the progress bar and stage report say it
-        last = get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+        last = last_trainer_checkpoint(out_dir)
         if last is not None:
             log.info("resuming SFT from %s", last)
             if stopper is not None:

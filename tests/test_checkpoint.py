@@ -81,3 +81,16 @@ def test_checkpoint_names_sort_numerically(tmp_path, make_tiny_model, tokenizer)
         save_checkpoint(tmp_path, model, tokenizer, optimizer, RLState(step=step), keep=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000100"]
     assert latest_checkpoint(tmp_path).name == "step-000100"
+
+
+def test_an_incomplete_trainer_checkpoint_is_removed_and_the_previous_one_used(tmp_path):
+    """transformers writes trainer_state.json last: a checkpoint folder without it was cut short by a kill."""
+    from rlpost.checkpoint import last_trainer_checkpoint
+
+    assert last_trainer_checkpoint(tmp_path / "absent") is None
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"half")
+    assert last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert not (tmp_path / "checkpoint-10").exists()

@@ -199,7 +199,7 @@ def test_pair_staleness_and_sampler_parity(learner_for, tokenizer):
     later = group(tokenizer, "12+3=", ["51", "5"], [1.0, 0.0], version=3)
     out = learner.step([later], fresh=[False])
     assert out["train/pair_policy_lag_mean"] == 1 and math.isnan(out["rollout/logprob_mismatch_max"])
-    assert learner.extra_state() == {}
+    assert {k: int(v[0]) for k, v in learner.extra_state().items()} == {"version": 5}  # for the lag after a resume
 
 
 def test_the_learner_refuses_a_missing_or_shared_reference(make_tiny_model, tokenizer, tmp_path):
@@ -345,3 +345,17 @@ def test_sft_then_online_dpo_end_to_end(tmp_path, online_dpo_registered):
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "online_dpo" / "policy").state_dict()
     start = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "policy").state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_learner_version_survives_a_checkpoint_round_trip():
+    """The pair-lag metrics need the learner's policy version; after a resume it comes from extra_state."""
+    from rlpost.learners.online_dpo import OnlineDPOLearner
+
+    learner = OnlineDPOLearner.__new__(OnlineDPOLearner)  # only the version bookkeeping is exercised
+    learner._version = None
+    assert learner.extra_state() == {}
+    learner._version = 7
+    fresh = OnlineDPOLearner.__new__(OnlineDPOLearner)
+    fresh._version = None
+    fresh.load_extra_state(learner.extra_state())
+    assert fresh._version == 7

@@ -199,10 +199,13 @@ class OnlineDPOLearner:
     # ------------------------------------------------------------------ Learner protocol
 
     def extra_state(self) -> dict:
-        return {}  # the reference is reloaded from the stage's input by the loop's load_reference
+        """The policy version the learner last knew (for the pair-lag metrics after a resume); the reference
+        is reloaded from the stage's input by the loop's load_reference."""
+        return {} if self._version is None else {"version": torch.tensor([self._version])}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        if "version" in state:
+            self._version = int(state["version"][0])
 
     def logprob_mismatch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                          sampling_logprobs: list[list[float]]) -> float:

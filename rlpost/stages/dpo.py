@@ -377,8 +377,8 @@ def preference_accuracy(chosen, rejected, n_chosen, n_rejected) -> dict:
 def run_dpo(cfg: DPOStage, ctx) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from rlpost.checkpoint import last_trainer_checkpoint
     from rlpost.learners.grpo import disable_dropout
 
     start = time.perf_counter()
@@ -417,7 +417,7 @@ def run_dpo(cfg: DPOStage, ctx) -> dict:
     writer = SummaryWriter(str(ctx.out_dir / "tensorboard"))
     trainer = build_dpo_trainer(model, ref_model, tokenizer, kept, cfg, out_dir=trainer_dir, seed=ctx.recipe.seed,
                                 use_cpu=ctx.device == "cpu", callbacks=[TensorBoardCallback(writer)])
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    last = last_trainer_checkpoint(trainer_dir)
     if last is not None:
         log.info("resuming DPO from %s", last)
     train_start = time.perf_counter()
