@@ -1,5 +1,6 @@
-"""LoRA (rlpost/lora.py): merged weights, what a sync moves, and real runs whose vLLM sampling
-logprobs match the learner's after every sync, by adapter-only sync and by merged weights."""
+"""LoRA (rlpost/lora.py): merged weights, what a sync moves, and real runs of every rollout learner
+whose vLLM sampling logprobs match the learner's after every sync, by adapter-only sync and by
+merged weights; the SFT stage (as DPO's test in test_dpo_stage.py) trains a low-rank update."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rlpost import lora
 from rlpost.lora import LoraSection
 from rlpost.modeling import ModelShape, build_model, build_tokenizer
 from rollouts.weight_sync import WeightPublisher, adapter_dir, base_name, exportable_state_dict
-from tests.spine_helpers import copy_sft, make_tiny_sft_run, quickstart_cmd, run
+from tests.spine_helpers import copy_sft, make_tiny_sft_run, quickstart_cmd, run, sft_only_recipe
 
 
 def tiny_lora_model(seed: int = 0):
@@ -99,16 +101,25 @@ def sft_run(tmp_path_factory):
     return make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
 
 
-def lora_cmd(run_dir: Path, sync: str) -> list[str]:
-    """4 synchronous GRPO steps with LoRA and a length reward (every group has a spread, so every step
-    moves the adapter), a large learning rate, and the vLLM/learner probe after every step's sync."""
-    return quickstart_cmd(run_dir, "grpo.max_steps=4", "grpo.max_staleness=0", "grpo.eval_steps=1",
-                          "grpo.learning_rate=0.02", "grpo.rewards=['tests.reward_fixtures:length_reward']",
-                          f"grpo.lora={{r: 8, alpha: 16, sync: {sync}}}")
+STEPS = 3
+
+
+def lora_cmd(run_dir: Path, stage_type: str, sync: str) -> list[str]:
+    """STEPS synchronous steps of a rollout stage with LoRA and a length reward (every group has a spread,
+    so every step moves the adapter), a large learning rate, and the vLLM/learner probe after every
+    step's sync; the tiny quickstart model, its SFT stage reused."""
+    recipe = yaml.safe_load(sft_only_recipe(run_dir).read_text())
+    recipe["stages"].append({
+        "type": stage_type, "name": "rl", "max_steps": STEPS, "prompts_per_step": 4, "num_generations": 4,
+        "reward_workers": 1, "max_staleness": 0, "eval_steps": 1, "save_steps": 2, "learning_rate": 0.02,
+        "rewards": ["tests.reward_fixtures:length_reward"], "lora": {"r": 8, "alpha": 16, "sync": sync}})
+    path = run_dir / "lora-recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return quickstart_cmd(run_dir, recipe=path)
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
 
 
 def policy_logprobs(policy: Path, ids: list[int]) -> torch.Tensor:
@@ -120,54 +131,46 @@ def policy_logprobs(policy: Path, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", ["adapter", "merged"])
-def test_lora_run_sampling_matches_learner_after_every_sync(sft_run, tmp_path, sync):
+@pytest.mark.parametrize("stage_type, sync", [("grpo", "adapter"), ("grpo", "merged"), ("ppo", "adapter"),
+                                              ("online_dpo", "adapter"), ("prime", "adapter")])
+def test_lora_run_sampling_matches_learner_after_every_sync(sft_run, tmp_path, stage_type, sync):
     copy_sft(sft_run, tmp_path)
-    result = run(lora_cmd(tmp_path, sync))
+    result = run(lora_cmd(tmp_path, stage_type, sync))
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "grpo" / "stage.json").read_text())
+    record = json.loads((tmp_path / "rl" / "stage.json").read_text())
     assert record["lora_sync"] == sync
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows if "sync/logprob_mismatch_max" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "sync/logprob_mismatch_max" in r] == list(range(1, STEPS + 1))
     assert max(r["sync/logprob_mismatch_max"] for r in rows if "sync/logprob_mismatch_max" in r) <= 1e-3
-    # on-policy batches: each was sampled after the previous step's sync, and matches the learner's pi_old
-    assert max(r["rollout/logprob_mismatch_max"] for r in rows if r["step"] > 0) <= 1e-3
     assert all(r["train/grad_norm"] > 0 for r in rows if r["step"] > 0)
     # the parity means something: the adapters moved the policy well beyond the tolerance
     ids = [1, 5, 6, 7, 8]
-    moved = (policy_logprobs(tmp_path / "grpo" / "policy", ids) - policy_logprobs(tmp_path / "sft" / "policy", ids))
+    moved = policy_logprobs(tmp_path / "rl" / "policy", ids) - policy_logprobs(tmp_path / "sft" / "policy", ids)
     assert float(moved.abs().max()) > 1e-2
-    assert (tmp_path / "grpo" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "rl" / "adapter" / "adapter_model.safetensors").exists()
     sizes = {r["sync/bytes"] for r in rows if "sync/bytes" in r}
     full = (tmp_path / "sft" / "policy" / "model.safetensors").stat().st_size
     assert all((s < full / 2) if sync == "adapter" else (s > full / 2) for s in sizes), (sizes, full)
-
-
-@pytest.mark.slow
-def test_lora_run_resumes_from_its_adapter_checkpoint(sft_run, tmp_path):
-    """A LoRA run's checkpoints hold the adapter; removing the last one (and the outputs) makes the same
-    command resume from step 2 and redo steps 3-4 with no gap or repeat in the ledger."""
-    copy_sft(sft_run, tmp_path)
-    result = run(lora_cmd(tmp_path, "adapter"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    stage = tmp_path / "grpo"
-    for path in (stage / "stage.json", tmp_path / "summary.json", stage / "checkpoints" / "step-000004"):
+    if (stage_type, sync) != ("grpo", "adapter"):
+        return
+    # resume: the checkpoints hold the adapter; without the last one (and the outputs) the same command
+    # resumes from step 2 and redoes step 3, with no gap or repeat in the ledger
+    stage = tmp_path / "rl"
+    for path in (stage / "stage.json", tmp_path / "summary.json", stage / "checkpoints" / f"step-{STEPS:06d}"):
         assert path.exists(), path
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    again = run(lora_cmd(tmp_path, "adapter"))
+    again = run(lora_cmd(tmp_path, stage_type, sync))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr and "step-000002" in again.stderr
-    rows = [json.loads(line) for line in (stage / "ledger.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [i for r in rows for i in r["prompt_indices"]] == list(range(16))
+    ledger = [json.loads(line) for line in (stage / "ledger.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ledger] == list(range(1, STEPS + 1))
+    assert [i for r in ledger for i in r["prompt_indices"]] == list(range(4 * STEPS))
 
 
 def test_sft_stage_with_lora_writes_a_merged_low_rank_update(tmp_path):
     """The SFT stage (TRL's SFTTrainer, as the rejection stage's rounds use it) with `lora`: the merged
     policy differs from its input by a rank <= r matrix per adapted weight; the adapter is beside it."""
     from transformers import AutoModelForCausalLM
-
-    from tests.spine_helpers import sft_only_recipe
 
     result = run(quickstart_cmd(tmp_path, "sft.lora={r: 2}", "sft.learning_rate=0.01",
                                 recipe=sft_only_recipe(tmp_path)))

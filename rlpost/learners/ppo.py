@@ -144,6 +144,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float("nan") if float(var_r) == 0 else float(1 - (r - v).var() / var_r)
 
 
+def backbone(model):
+    """The decoder stack of a causal LM (`model.base_model`), also under a peft LoRA wrapper, whose own
+    `base_model` is the wrapped causal LM."""
+    from peft import PeftModel
+
+    return (model.get_base_model() if isinstance(model, PeftModel) else model).base_model
+
+
 class PPOLearner:
     """Owns the policy, the value model and their optimiser; `step(groups)` is one PPO update on a
     rollout batch (module docstring). `reference_model`: a frozen copy of the stage's starting
@@ -253,7 +261,7 @@ class PPOLearner:
         def hook(module, inputs, output):
             self._hidden.append(output.last_hidden_state)
 
-        handle = self.model.base_model.register_forward_hook(hook) if self.value_backbone is None else None
+        handle = backbone(self.model).register_forward_hook(hook) if self.value_backbone is None else None
         self.trainer._get_per_token_logps_and_entropies = recording
         try:
             yield
