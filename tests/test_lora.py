@@ -88,6 +88,27 @@ def test_checkpoint_round_trip_restores_the_adapter(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_auto_sync_falls_back_to_merged_weights_where_the_engine_cannot_run_lora(monkeypatch):
+    """`sync: auto` takes merged weights when vLLM refuses LoRA for the model; `sync: adapter` stops with an
+    error that says what to set."""
+    from types import SimpleNamespace
+
+    import rollouts.engine
+    from rollouts.worker import _start_engine
+
+    class NoLoraEngine:
+        def __init__(self, model_dir, settings, lora_rank=None):
+            if lora_rank is not None:
+                raise ValueError("Model Foo does not support LoRA")
+
+    monkeypatch.setattr(rollouts.engine, "RolloutEngine", NoLoraEngine)
+    spec = SimpleNamespace(model_dir="m", engine=None, lora_rank=8, lora_sync="auto")
+    assert _start_engine(spec)[1] == "merged"
+    with pytest.raises(RuntimeError, match="lora.sync to 'merged' or 'auto'"):
+        _start_engine(SimpleNamespace(**{**vars(spec), "lora_sync": "adapter"}))
+    assert _start_engine(SimpleNamespace(**{**vars(spec), "lora_rank": None}))[1] is None  # no LoRA
+
+
 def test_bad_lora_key_names_it(tmp_path):
     result = run(quickstart_cmd(tmp_path, "grpo.lora={r: 0}"))
     assert result.returncode == 2, result.stderr[-2000:]
