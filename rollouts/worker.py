@@ -96,6 +96,8 @@ def _run(spec: WorkerSpec, samples, control, events) -> None:
                 break
             blocked = not may_generate(batch, version, spec.max_staleness)
             message = _next_message(control, block=blocked)
+            if message is None and blocked:
+                continue  # a poll timed out while the learner is busy: the bound still holds, wait on
             if message is not None:
                 kind = message[0]
                 if kind == "stop":
