@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlpost.errors import UserError
-from rlpost.recipe import changed_keys, flat_settings
+from rlpost.recipe import changed_keys, flat_settings, stage_defaults
 
 _FREE_KEYS = ("run_dir",)  # may differ between the first run and a resume
 
@@ -275,7 +275,11 @@ def _check_same_recipe(run_dir: Path, recipe: Any) -> None:
     settings = flat_settings(recipe)
     if path.exists():
         old = json.loads(path.read_text())
-        changed = changed_keys(old, json.loads(json.dumps(settings, default=str)), _FREE_KEYS)
+        new = json.loads(json.dumps(settings, default=str))
+        defaults = json.loads(json.dumps(stage_defaults(recipe), default=str))
+        # a stage key that a newer rlpost added, left at its default, changes nothing the run did
+        changed = [k for k in changed_keys(old, new, _FREE_KEYS)
+                   if not (k not in old and k in defaults and new.get(k) == defaults[k])]
         if changed:
             shown = ", ".join(f"{k} ({old.get(k, '<absent>')!r} -> {settings.get(k, '<absent>')!r})" for k in changed[:5])
             raise UserError(f"{run_dir} holds a run of a different recipe: changed {shown}; "

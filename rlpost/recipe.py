@@ -148,6 +148,19 @@ def recipe_help(path: str | Path) -> str:
 
 def flat_settings(recipe: Any) -> dict[str, Any]:
     """Every key of the recipe as 'dotted.key' -> value (JSON data), stages under their names."""
+    out = _flatten(to_dict(recipe))
+    out["stages"] = [f"{e.name}:{e.type}" for e in recipe.stage_entries]
+    return out
+
+
+def stage_defaults(recipe: Any) -> dict[str, Any]:
+    """Each stage's keys at their defaults, flattened as `flat_settings` does ('<stage>.<key>' -> value)."""
+    from rlpost.stages import STAGES
+
+    return _flatten({e.name: to_dict(STAGES[e.type].config()) for e in recipe.stage_entries})
+
+
+def _flatten(data: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -157,8 +170,7 @@ def flat_settings(recipe: Any) -> dict[str, Any]:
         else:
             out[prefix] = value
 
-    walk("", to_dict(recipe))
-    out["stages"] = [f"{e.name}:{e.type}" for e in recipe.stage_entries]
+    walk("", data)
     return out
 
 

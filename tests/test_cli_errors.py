@@ -17,6 +17,7 @@ import rlpost.stages as stages
 from rewards.registry import REGISTRY
 from rlpost.cli import main
 from rlpost.commands.run import DEFAULT_RECIPE
+from rlpost.errors import UserError
 from rlpost.recipe import load_recipe
 
 REAL_RUN_RECIPE = pipeline.run_recipe
@@ -224,6 +225,21 @@ def test_resume_with_a_changed_recipe_is_refused(guarded, capsys, monkeypatch):
     # the control: the unchanged recipe passes the check and reaches work
     with pytest.raises(WorkStarted):
         main(["run", f"run_dir={run_dir}"])
+
+
+def test_a_stage_key_added_by_a_newer_rlpost_at_its_default_does_not_block_a_resume(tmp_path):
+    """A run directory written before `grpo.lora` existed resumes when the key is at its default (None);
+    setting it is still a changed recipe."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe = load_recipe(DEFAULT_RECIPE, [f"run_dir={run_dir}"])
+    pipeline._check_same_recipe(run_dir, recipe)
+    old = json.loads((run_dir / "recipe.json").read_text())
+    assert old.pop("grpo.lora") is None
+    (run_dir / "recipe.json").write_text(json.dumps(old))
+    pipeline._check_same_recipe(run_dir, recipe)  # the older run's directory: accepted
+    with pytest.raises(UserError, match="grpo.lora"):
+        pipeline._check_same_recipe(run_dir, load_recipe(DEFAULT_RECIPE, [f"run_dir={run_dir}", "grpo.lora={r: 4}"]))
 
 
 def test_rewards_list_prints_every_registered_name(capsys):
