@@ -42,7 +42,7 @@ class LoraSection:
     target_modules: list = setting(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                    "peft LoraConfig.target_modules: names of the linear layers to adapt")
     sync: str = setting("auto", "how vLLM follows the learner: 'adapter' (vLLM LoRA, adapter-only sync), 'merged' "
-                                "(full merged weights), 'auto' (adapter when the engine supports LoRA)",
+                                "(full merged weights), 'auto' (adapter when the engine supports LoRA); rollout stages only",
                         choices=SYNC_MODES)
 
 
@@ -91,19 +91,12 @@ def load_adapter_weights(model, adapter_dir: Path) -> None:
                            f"{result.unexpected_keys[:5]}")
 
 
-def save_adapter(model, directory: Path) -> int:
-    """peft's adapter files (adapter_model.safetensors, adapter_config.json) in `directory`; their bytes."""
-    directory = Path(directory)
-    model.save_pretrained(str(directory), safe_serialization=True)
-    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("adapter_"))
-
-
 def save_policy(model, tokenizer, policy_dir: Path) -> None:
     """A stage's output policy: an ordinary model directory. For a LoRA model, the merged weights there
     and the adapter alone beside it (`policy_dir/../adapter`); the model is merged in place."""
     policy_dir = Path(policy_dir)
     if is_peft(model):
-        save_adapter(model, policy_dir.parent / "adapter")
+        model.save_pretrained(str(policy_dir.parent / "adapter"), safe_serialization=True)  # peft: the adapter
         model = model.merge_and_unload()
     model.save_pretrained(str(policy_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(policy_dir))
