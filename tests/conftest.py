@@ -8,6 +8,15 @@ TINY_SHAPE_KW = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, 
 
 
 @pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """One tiny SFT-only run of the quickstart through the real CLI (tests/spine_helpers.py), shared by
+    every test that only pays for an RL stage after it (they copy it, never change it)."""
+    from tests.spine_helpers import make_tiny_sft_run
+
+    return make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from rlpost.modeling import build_tokenizer
 

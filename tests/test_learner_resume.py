@@ -2,8 +2,8 @@
 
 Each test runs the real CLI (`python -m rlpost.cli run RECIPE.yaml run_dir=...`) on the tiny model, the
 SFT stage (and its evaluations) reused from one tiny SFT-only run, then one stage of each learner:
-ppo, online_dpo, grpo with RLOO advantages (the GRPO loop itself: tests/test_rl_loop.py), rejection
-(rounds) and dpo with pairs from rollouts. The run is SIGKILLed as a whole process group mid-stage,
+ppo, online_dpo, rejection (rounds) and dpo with pairs from rollouts (grpo, and so RLOO, which only
+changes its advantages: tests/test_rl_loop.py; prime: tests/test_prime.py). The run is SIGKILLed as a whole process group mid-stage,
 after a checkpoint exists; the same command is run again and the stage's own records are checked:
 RUN/<stage>/ledger.jsonl, metrics.jsonl and checkpoints for the rollout-stream learners,
 RUN/rejection/round-n/* for rejection, RUN/dpo/pairs.jsonl and TRL's trainer state for dpo, and the
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.spine_helpers import REPO, copy_sft, make_tiny_sft_run, quickstart_cmd, run, sft_only_recipe
+from tests.spine_helpers import REPO, copy_sft, quickstart_cmd, run, sft_only_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,6 @@ STEPS = 20
 RANKING_REWARDS = ["arithmetic_exact", {"name": "tests.reward_fixtures:length_reward", "weight": 0.1}]
 ROLLOUT_KEYS = {"max_steps": STEPS, "prompts_per_step": GROUPS, "num_generations": GROUP_SIZE, "save_steps": 3,
                 "eval_steps": STEPS, "reward_workers": 1, "max_staleness": 1, "max_completion_length": 6}
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    return make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -147,7 +142,7 @@ def kill_and_resume_rl(run_dir: Path, name: str, cmd: list[str]) -> tuple[dict, 
         assert all(0 <= row["step"] - 1 - v <= 1 for v in row["policy_versions"]), row
     steps_logged = [m["step"] for m in jsonl(stage_dir / "metrics.jsonl")]
     assert steps_logged == list(range(STEPS + 1)), "metrics lose or repeat a step after resume"
-    record = stage_record(run_dir, name, name if name != "rloo" else "grpo")
+    record = stage_record(run_dir, name, name)
     assert record["steps"] == STEPS and record["samples_trained"] == STEPS * GROUPS * GROUP_SIZE
     counted = record["staleness"]  # the gate's counts continue across the resume
     assert counted["fresh"] + counted["corrected"] == STEPS * GROUPS * GROUP_SIZE and counted["dropped"] == 0
@@ -194,18 +189,6 @@ def test_online_dpo_resumes_after_sigkill(sft_run, tmp_path):
     assert [m["step"] for m in trained] == list(range(1, STEPS + 1))
     assert all(m["train/optimizer_steps"] == float(m["train/pairs"] > 0) for m in trained)
     assert sum(m["train/pairs"] for m in trained) > 0, "no step trained on a pair"
-
-
-def test_rloo_resumes_after_sigkill(sft_run, tmp_path):
-    """GRPO with RLOO advantages (stage named 'rloo') killed mid-run: contiguous ledger and metrics."""
-    run_dir = tmp_path / "run"
-    reuse_sft(sft_run, run_dir)
-    stage = {"type": "grpo", "name": "rloo", **ROLLOUT_KEYS, "advantage_estimator": "rloo",
-             "rewards": RANKING_REWARDS}
-    cmd = quickstart_cmd(run_dir, recipe=stage_recipe(tmp_path / "recipe", stage))
-    kill_and_resume_rl(run_dir, "rloo", cmd)
-    recipe = json.loads((run_dir / "recipe.json").read_text())
-    assert recipe["rloo.advantage_estimator"] == "rloo"
 
 
 # ----------------------------------------------------------------------------- rejection sampling

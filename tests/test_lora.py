@@ -1,6 +1,7 @@
-"""LoRA (rlpost/lora.py): merged weights, what a sync moves, and real runs of every rollout learner
-whose vLLM sampling logprobs match the learner's after every sync, by adapter-only sync and by
-merged weights; the SFT stage (as DPO's test in test_dpo_stage.py) trains a low-rank update."""
+"""LoRA (rlpost/lora.py): merged weights, what a sync moves, and real runs (grpo with adapter-only and
+merged sync, ppo) whose vLLM sampling logprobs match the learner's after every sync; the SFT stage
+(as DPO's test in test_dpo_stage.py) trains a low-rank update. The online DPO and PRIME learners on
+a LoRA policy: tests/test_online_dpo.py, tests/test_prime.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rlpost import lora
 from rlpost.lora import LoraSection
 from rlpost.modeling import ModelShape, build_model, build_tokenizer
 from rollouts.weight_sync import WeightPublisher, adapter_dir, base_name, exportable_state_dict
-from tests.spine_helpers import copy_sft, make_tiny_sft_run, quickstart_cmd, run, sft_only_recipe
+from tests.spine_helpers import copy_sft, quickstart_cmd, run, sft_only_recipe
 
 
 def tiny_lora_model(seed: int = 0):
@@ -117,11 +118,6 @@ def test_bad_lora_key_names_it(tmp_path):
 
 # ----------------------------------------------------------------------------- real runs
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    return make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
-
-
 STEPS = 3
 
 
@@ -152,8 +148,7 @@ def policy_logprobs(policy: Path, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage_type, sync", [("grpo", "adapter"), ("grpo", "merged"), ("ppo", "adapter"),
-                                              ("online_dpo", "adapter"), ("prime", "adapter")])
+@pytest.mark.parametrize("stage_type, sync", [("grpo", "adapter"), ("grpo", "merged"), ("ppo", "adapter")])
 def test_lora_run_sampling_matches_learner_after_every_sync(sft_run, tmp_path, stage_type, sync):
     copy_sft(sft_run, tmp_path)
     result = run(lora_cmd(tmp_path, stage_type, sync))

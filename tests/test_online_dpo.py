@@ -359,3 +359,21 @@ def test_learner_version_survives_a_checkpoint_round_trip():
     fresh._version = None
     fresh.load_extra_state(learner.extra_state())
     assert fresh._version == 7
+
+
+def test_a_lora_policy_trains_only_its_adapters(make_tiny_model, tokenizer, tmp_path):
+    """The learner on a peft LoRA policy (a stage's `lora` key): one step moves the adapters and the
+    preference, and leaves every base weight as it was."""
+    from rlpost import lora
+    from rlpost.lora import LoraSection
+
+    policy = lora.wrap(make_tiny_model(seed=0), LoraSection(r=4, alpha=8.0))
+    learner = OnlineDPOLearner(policy, tokenizer, make_tiny_model(seed=1), OnlineDPOSettings(learning_rate=1e-2),
+                               output_dir=str(tmp_path / "trl"))
+    groups = hand_pairs(tokenizer)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    learner.step(groups, fresh=[True, True])
+    after = policy.state_dict()
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
+    assert any("lora_B" in k for k in moved)

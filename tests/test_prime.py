@@ -375,16 +375,15 @@ def test_run_prime_passes_the_keys_to_the_learner(tmp_path, monkeypatch, make_ti
 # --------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
-def test_rlpost_run_with_a_prime_stage(tmp_path_factory, tmp_path):
+def test_rlpost_run_with_a_prime_stage(sft_run, tmp_path):
     """The real CLI: a tiny SFT run reused, then 4 PRIME steps (4 prompts x 4 samples, vLLM rollouts,
     the isolated reward pool; a length reward so that the labels vary). The ledger is contiguous,
     every step logs the PRM's metrics, and checkpoints carry the PRM and its optimiser state."""
     from safetensors.torch import load_file
 
     from rlpost.loop import EXTRA_STATE
-    from tests.spine_helpers import copy_sft, make_tiny_sft_run, quickstart_cmd, run, sft_only_recipe
+    from tests.spine_helpers import copy_sft, quickstart_cmd, run, sft_only_recipe
 
-    sft_run = make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
     run_dir = tmp_path / "run"
     copy_sft(sft_run, run_dir)
     path = sft_only_recipe(tmp_path)
@@ -423,3 +422,23 @@ def test_rlpost_run_with_a_prime_stage(tmp_path_factory, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["points"] == ["initial", "sft", "prime"] and summary["stages"]["prime"]["steps"] == steps
     assert (run_dir / "prime" / "policy" / "model.safetensors").exists()
+
+
+def test_a_lora_policy_trains_only_its_adapters_while_the_prm_trains_fully(make_tiny_model, tokenizer, tmp_path):
+    """The stage's `lora` key wraps the policy only: a step moves the policy's adapters (no base weight)
+    and the PRM's own full weights."""
+    from rlpost import lora
+    from rlpost.lora import LoraSection
+
+    start = start_model(make_tiny_model)
+    policy = lora.wrap(copy.deepcopy(start), LoraSection(r=4, alpha=8.0))
+    prm = copy.deepcopy(start)
+    learner = PrimeLearner(policy, tokenizer, LearnerSettings(learning_rate=1e-2), PrimeSettings(prm_learning_rate=1e-2),
+                           str(tmp_path / "trl"), 4, prm_model=prm, prm_reference=copy.deepcopy(start))
+    groups = labelled_groups(start, tokenizer)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    prm_before = {k: v.clone() for k, v in prm.state_dict().items()}
+    learner.step(groups, fresh=[True] * len(groups))
+    moved = {k for k, v in before.items() if not torch.equal(v, policy.state_dict()[k])}
+    assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
+    assert any(not torch.equal(v, prm.state_dict()[k]) for k, v in prm_before.items() if "embed" not in k)

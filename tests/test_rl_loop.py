@@ -17,14 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.spine_helpers import REPO, copy_sft, make_tiny_sft_run, quickstart_cmd, run
+from tests.spine_helpers import REPO, copy_sft, quickstart_cmd, run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    return make_tiny_sft_run(tmp_path_factory.mktemp("tiny-sft"))
 
 
 def ledger(run_dir: Path) -> list[dict]:
