@@ -1,22 +1,23 @@
-"""The asynchronous RL loop: rollout worker -> bounded buffer -> learner (GRPO by default) -> weight sync.
+"""The asynchronous RL loop: rollout workers -> staleness gate -> learner (GRPO by default) -> weight sync.
 
-    worker process (vLLM)                     learner (this process)
-    generate batch b with weights v   --->    take batch b (staleness gate: v >= b - max_staleness)
-    score with isolated rewards               GRPO step (TRL loss), version b+1
-    reload weights when told          <---    publish weights b+1 to shared memory
+    rollout workers (vLLM, one engine each)        learner (this process)
+    generate chunks of batch b with weights v ---> take batch b (staleness gate: v >= b - max_staleness)
+    score with isolated rewards                     update (TRL loss), version b+1
+    reload weights when told                  <--- publish weights b+1 to shared memory, send to all
 
-With `max_staleness = 0` the worker waits for version b before generating batch b (synchronous,
-on-policy); with `max_staleness = k` it runs up to k versions ahead, overlapping generation with
-training, and the learner corrects those samples by importance sampling. Every step appends one
-line to `ledger.jsonl` (step, prompt indices, policy versions); checkpoints make a killed run
-resume with no gap and no repeat in steps, samples or prompts.
+`rollouts.fleet.RolloutFleet` shares each batch out among `workers` engines on the chosen backend
+(child processes or Ray actors, rollouts/transport.py) and starts a dead worker again. With
+`max_staleness = 0` batch b is generated with the weights of version b (synchronous, on-policy);
+with `max_staleness = k` workers run up to k versions ahead, overlapping generation with training,
+and the learner corrects those samples by importance sampling. Every step appends one line to
+`ledger.jsonl` (step, prompt indices, policy versions), every worker start and death one line to
+`workers.jsonl`; checkpoints make a killed run resume with no gap and no repeat in steps, samples
+or prompts.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,11 @@ from rlpost import lora
 from rlpost.checkpoint import RLState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlpost.learners.grpo import GRPOLearner, LearnerSettings
 from rlpost.report import JsonlLog, MetricsLog
-from rollouts.buffer import SampleBuffer, StalenessCounts
+from rollouts.buffer import StalenessCounts, StalenessGate
+from rollouts.fleet import RolloutFleet
+from rollouts.transport import make_transport
 from rollouts.weight_sync import WeightPublisher
-from rollouts.worker import WorkerSpec, worker_main
+from rollouts.worker import WorkerSpec
 
 log = logging.getLogger("rlpost.loop")
 EXTRA_STATE = "learner_extra.safetensors"  # a learner's own tensors (e.g. a value head) in each checkpoint
@@ -47,93 +50,43 @@ class LoopSettings:
     device: str = "cpu"
     dtype: str = "float32"
     lora: Any = None  # rlpost.lora.LoraSection: train adapters (see rlpost/lora.py), None: all weights
-
-
-class WorkerLink:
-    """The learner's side of the rollout worker: starts it, sends control messages, pumps its events."""
-
-    def __init__(self, spec: WorkerSpec, capacity: int):
-        ctx = mp.get_context("spawn")
-        self.spec = spec
-        self.samples, self.control, self.events = ctx.Queue(capacity), ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=worker_main, args=(spec, self.samples, self.control, self.events),
-                                   name="rlpost-rollout")
-        self.generated: list[dict] = []
-        self.synced: list[tuple[int, float, float]] = []  # (version, reload_s, acknowledged_at)
-        self.generations: dict[str, list] = {}
-        self.process.start()
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def pump(self, block_for: str | None = None, timeout_s: float = 600.0) -> None:
-        """Handle pending events; with `block_for`, wait until an event of that kind has arrived."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                event = self.events.get(timeout=0.5 if block_for else 0.0) if block_for else self.events.get_nowait()
-            except queue.Empty:
-                if not block_for:
-                    return
-                if not self.alive():
-                    raise RuntimeError("the rollout worker exited unexpectedly (see its log above)")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the rollout worker sent no '{block_for}' event within {timeout_s:.0f} s")
-                continue
-            kind = event[0]
-            if kind == "error":
-                raise RuntimeError(f"the rollout worker crashed:\n{event[1]}")
-            if kind == "generated":
-                self.generated.append(event[1])
-            elif kind == "synced":
-                self.synced.append((event[1], event[2], time.perf_counter()))
-            elif kind == "generations":
-                self.generations[event[1]] = event[2]
-            elif kind == "ready":
-                self.startup_s, self.lora_sync = event[1], event[2]
-            if block_for and kind == block_for:
-                return
-
-    def generate(self, tag: str, prompt_ids: list[list[int]], **sampling) -> list[list]:
-        """Completions per prompt from the worker's engine with its current weights
-        (`sampling`: `RolloutEngine.generate`'s keywords)."""
-        self.control.put(("generate", tag, prompt_ids, sampling))
-        while tag not in self.generations:
-            self.pump(block_for="generations")
-        return self.generations.pop(tag)
-
-    def engine(self, tag: str) -> "WorkerEngine":
-        return WorkerEngine(self, tag)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.control.put(("stop",))
-            self.process.join(timeout=60)
-        if self.alive():
-            self.process.kill()
-            self.process.join()
+    workers: int = 1  # rollout workers (engines); the recipe's rollout.* and ray.* keys
+    backend: str = "process"
+    max_restarts: int = 3
+    weight_transport: str = "auto"
+    ray_address: str | None = None
+    ray_cpus_per_worker: float = 1.0
 
 
 @dataclass
-class WorkerEngine:
-    """The rollout worker's engine seen as a `RolloutEngine` (for the evaluation runner): generation
-    with the weights the worker holds now."""
+class FleetEngine:
+    """The rollout workers seen as one `RolloutEngine` (for the evaluation runner): generation with
+    the newest weights, the prompts shared out among the workers."""
 
-    link: WorkerLink
+    fleet: RolloutFleet
     tag: str
 
     def generate(self, prompt_ids: list[list[int]], **sampling) -> list[list]:
-        return self.link.generate(self.tag, prompt_ids, **sampling)
+        return self.fleet.generate(self.tag, prompt_ids, **sampling)
 
 
-def probe_logprob_mismatch(link: WorkerLink, learner: GRPOLearner, prompt_ids: list[list[int]], tag: str,
+def probe_logprob_mismatch(fleet: RolloutFleet, learner, prompt_ids: list[list[int]], tag: str,
                            temperature: float, max_tokens: int) -> float:
-    """Max |vLLM sampling logprob - learner logprob| over a probe batch, same tokens, same weights.
-
-    Call only when the worker has acknowledged the learner's current version."""
-    generations = [g[0] for g in link.generate(tag, prompt_ids, temperature=temperature, max_tokens=max_tokens)]
+    """Max |vLLM sampling logprob - learner logprob| over a probe batch, same tokens, same weights
+    (the newest published version, which `fleet.generate` waits for on every engine)."""
+    generations = [g[0] for g in fleet.generate(tag, prompt_ids, temperature=temperature, max_tokens=max_tokens)]
     return learner.logprob_mismatch(prompt_ids, [list(g.token_ids) for g in generations],
                                     [list(g.logprobs) for g in generations])
+
+
+def start_fleet(worker: WorkerSpec, settings: LoopSettings, run_dir: Path) -> RolloutFleet:
+    """The rollout workers on the settings' backend, their starts and deaths logged to `workers.jsonl`."""
+    transport = make_transport(settings.backend, workers=settings.workers, address=settings.ray_address,
+                               cpus_per_worker=settings.ray_cpus_per_worker,
+                               weight_transport=settings.weight_transport)
+    fleet = RolloutFleet(worker, transport, workers=settings.workers, max_restarts=settings.max_restarts,
+                         on_event=JsonlLog(run_dir / "workers.jsonl").append)
+    return fleet
 
 
 def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, settings: LoopSettings,
@@ -179,50 +132,54 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     ledger = JsonlLog(run_dir / "ledger.jsonl")
     ledger.truncate_after(state.step)
     publisher = WeightPublisher(run_dir.name)
-    if settings.lora is not None:  # the engine starts on the base weights and loads the current policy
-        worker.model_dir = str(policy_dir)
+    # Engines start from the stage's input (which no checkpoint rotation removes, so a worker can be
+    # started again at any time) and load the current policy: LoRA, or a resumed run.
+    worker.model_dir = str(policy_dir)
+    if settings.lora is not None:
         worker.lora_rank, worker.lora_sync = settings.lora.r, settings.lora.sync
         worker.start_weights = str(publisher.publish(model, state.step, form="both")[0])
-    else:
-        worker.model_dir = str(ckpt / "policy" if ckpt else policy_dir)
-    link = WorkerLink(worker, capacity=(settings.max_staleness + 1) * settings.groups_per_step)
-    link.synced.append((state.step, 0.0, time.perf_counter()))  # it starts with the weights it was given
-    buffer = SampleBuffer(link.samples, settings.max_staleness)
+    elif ckpt:
+        worker.start_weights = str(publisher.publish(model, state.step, form="full")[0])
+    gate = StalenessGate(settings.max_staleness)
     if state.staleness:  # counts continue across a resume
-        buffer.gate.groups = StalenessCounts(**state.staleness["groups"])
-        buffer.gate.samples = StalenessCounts(**state.staleness["samples"])
+        gate.groups = StalenessCounts(**state.staleness["groups"])
+        gate.samples = StalenessCounts(**state.staleness["samples"])
     figures = {"start_step": state.step}
+    fleet = start_fleet(worker, settings, run_dir)
     try:
-        link.pump(block_for="ready", timeout_s=600)
-        figures["engine_startup_s"] = link.startup_s
+        fleet.start(timeout_s=600)
+        figures["engine_startup_s"] = fleet.startup_s
         if settings.lora is not None:
-            figures["lora_sync"] = link.lora_sync
+            figures["lora_sync"] = fleet.lora_sync
             log.info("LoRA: the rollout engine follows the learner by %s", {
-                "adapter": "adapter-only sync (vLLM LoRA)", "merged": "merged full weights"}[link.lora_sync])
-        form = "adapter" if link.lora_sync == "adapter" else "full"
+                "adapter": "adapter-only sync (vLLM LoRA)", "merged": "merged full weights"}[fleet.lora_sync])
+        form = "adapter" if fleet.lora_sync == "adapter" else "full"
         if state.step == 0 and evaluate is not None:
-            metrics.log(0, _eval_scalars(evaluate(link.engine("step-0"), "step-0")))
-        sent_at: dict[int, float] = {}
+            metrics.log(0, _eval_scalars(evaluate(FleetEngine(fleet, "step-0"), "step-0")))
         rl_start = last_step_end = time.perf_counter()
         while state.step < settings.max_steps:
             wait_start = time.perf_counter()
-            groups = buffer.take(settings.groups_per_step, state.step, settings.sample_timeout_s, link.alive)
+            batch, rollout_scalars = fleet.take(state.step, settings.sample_timeout_s)
             waited = time.perf_counter() - wait_start
+            groups = [g for g in batch if gate.admit(g, state.step)]
+            if not groups:
+                raise RuntimeError(f"every group of batch {state.step} was beyond max_staleness "
+                                   f"{settings.max_staleness}: the rollout dispatch is out of step")
             scalars = learner.step(groups, fresh=[g.policy_version == state.step for g in groups])
             version = state.step + 1
             directory, write_s = publisher.publish(model, version, form)
-            link.control.put(("weights", version, str(directory)))
-            sent_at[version] = time.perf_counter()
-            link.pump()
+            fleet.publish(version, str(directory))
             state = RLState(version, state.samples_trained + sum(g.size for g in groups),
-                            groups[-1].prompt_index + 1,
-                            {"groups": vars(buffer.gate.groups).copy(), "samples": vars(buffer.gate.samples).copy()})
+                            batch[-1].prompt_index + 1,
+                            {"groups": vars(gate.groups).copy(), "samples": vars(gate.samples).copy()})
             ledger.append({"step": version, "prompt_indices": [g.prompt_index for g in groups],
                            "policy_versions": [g.policy_version for g in groups],
                            "samples": sum(g.size for g in groups),
                            "completion_tokens": sum(len(c) for g in groups for c in g.completion_ids),
                            "samples_trained": state.samples_trained})
-            scalars.update(_drain_rollout_metrics(link, sent_at, buffer))
+            scalars.update(rollout_scalars)
+            scalars.update(fleet.sync_metrics())
+            scalars.update(_staleness_scalars(gate))
             now = time.perf_counter()
             rewards = [r for g in groups for r in g.rewards if r is not None]  # None: masked, not 0
             scalars.update({"train/reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
@@ -234,12 +191,11 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                             "learner/samples_per_s": scalars["train/samples"] / max(1e-9, scalars["train/step_s"])})
             last_step_end = now
             if version % settings.eval_every == 0 or version == settings.max_steps:
-                _wait_synced(link, version)
                 scalars["sync/logprob_mismatch_max"] = probe_logprob_mismatch(
-                    link, learner, [g.prompt_ids for g in groups], f"probe-{version}", worker.temperature,
+                    fleet, learner, [g.prompt_ids for g in groups], f"probe-{version}", worker.temperature,
                     worker.max_tokens)
                 if evaluate is not None and version % settings.eval_every == 0:
-                    scalars.update(_eval_scalars(evaluate(link.engine(f"step-{version}"), f"step-{version}")))
+                    scalars.update(_eval_scalars(evaluate(FleetEngine(fleet, f"step-{version}"), f"step-{version}")))
             metrics.log(version, scalars)
             if progress is not None:
                 progress.update(1)
@@ -249,9 +205,10 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                 save_checkpoint(run_dir, model, tokenizer, learner.optimizer, state,
                                 extra={EXTRA_STATE: learner.extra_state()})
         figures["rl_wall_s"] = time.perf_counter() - rl_start
-        figures["staleness"] = vars(buffer.gate.samples)
+        figures["staleness"] = vars(gate.samples)
+        figures["worker_restarts"] = fleet.restarts
     finally:
-        link.stop()
+        fleet.close()
         metrics.close()
         publisher.close()
     lora.save_policy(model, tokenizer, run_dir / "policy")
@@ -259,29 +216,12 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     return figures
 
 
-def _wait_synced(link: WorkerLink, version: int) -> None:
-    """Wait until the worker holds weights of `version` or newer."""
-    while not any(v >= version for v, _, _ in link.synced):
-        link.pump(block_for="synced")
-
-
 def _eval_scalars(result: dict) -> dict[str, float]:
     return {"eval/accuracy": result["accuracy"], "eval/accuracy_low": result["low"],
             "eval/accuracy_high": result["high"]}
 
 
-def _drain_rollout_metrics(link: WorkerLink, sent_at: dict[int, float], buffer: SampleBuffer) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if link.generated:
-        last = link.generated[-1]
-        out.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
-        out["rollout/batch_s_mean"] = sum(g["rollout/batch_s"] for g in link.generated) / len(link.generated)
-        link.generated.clear()
-    for version, reload_s, acked in link.synced:
-        if version in sent_at:
-            out["sync/reload_s"] = reload_s
-            out["sync/roundtrip_s"] = acked - sent_at.pop(version)
-    gate = buffer.gate.samples
-    out.update({"staleness/fresh_samples": gate.fresh, "staleness/corrected_samples": gate.corrected,
-                "staleness/dropped_samples": gate.dropped, "staleness/max": gate.max_seen})
-    return out
+def _staleness_scalars(gate: StalenessGate) -> dict[str, float]:
+    counts = gate.samples
+    return {"staleness/fresh_samples": counts.fresh, "staleness/corrected_samples": counts.corrected,
+            "staleness/dropped_samples": counts.dropped, "staleness/max": counts.max_seen}

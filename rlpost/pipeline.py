@@ -22,7 +22,10 @@ from typing import Any
 from rlpost.errors import UserError
 from rlpost.recipe import changed_keys, flat_settings, stage_defaults
 
-_FREE_KEYS = ("run_dir",)  # may differ between the first run and a resume
+# may differ between the first run and a resume: where the run lives, and how many rollout workers
+# (on which backend) generate its batches, which changes nothing of what is trained
+_FREE_KEYS = ("run_dir", "rollout.workers", "rollout.backend", "rollout.max_restarts", "rollout.weight_transport",
+              "ray.address", "ray.cpus_per_worker")
 
 
 def run_recipe(recipe: Any) -> dict:

@@ -100,12 +100,34 @@ class EvalSpec:
 
 
 @dataclass
+class RolloutSection:
+    workers: int = setting(1, "rollout workers, each with its own vLLM engine and reward pool; every batch is split "
+                              "among them (docs/scaling.md)")
+    backend: str = setting("process", "'process': workers are child processes of the learner; 'ray': Ray actors, on "
+                                      "a local cluster or the one ray.address names (pip install 'rlpost[ray]')",
+                           choices=("process", "ray"))
+    max_restarts: int = setting(3, "worker deaths in a row, with no finished chunk between them, before the run stops "
+                                   "(a dead worker is started again with the current weights)")
+    weight_transport: str = setting("auto", "how weights reach Ray actors: shared memory on this node, Ray's object "
+                                            "store on others ('auto'), or one of them for all",
+                                    choices=("auto", "shared_memory", "object_store"))
+
+
+@dataclass
+class RaySection:
+    address: str | None = setting(None, "none: start a local Ray cluster; 'auto' or 'ray://host:port': join a running one")
+    cpus_per_worker: float = setting(1.0, "Ray CPUs each rollout actor reserves")
+
+
+@dataclass
 class RecipeBase:
     run_dir: Path = setting(Path("runs/run"), "where every stage's output, logs, plots and summary.json go")
     seed: int = setting(0, "seed for data order, model initialisation and sampling")
     model: ModelSection = setting(ModelSection, "the starting policy")
     data: DataSection = setting(DataSection, "training prompts (and demonstrations for SFT)")
     eval: list[EvalSpec] = setting([], "held-out sets and benchmarks, run before the first stage and after each")
+    rollout: RolloutSection = setting(RolloutSection, "rollout workers of the stages that learn from rollouts")
+    ray: RaySection = setting(RaySection, "the Ray cluster, for rollout.backend: ray")
 
 
 @dataclass(frozen=True)
@@ -254,6 +276,14 @@ def check_relations(recipe: Any) -> None:
             what = "does not exist" if not p.exists() else "is not a model directory (no config.json)"
             raise UserError(f"{where(recipe, 'model.path')}: key 'model.path': {p} {what}; give a local directory that "
                             f"transformers' from_pretrained loads")
+    r = recipe.rollout
+    if r.workers < 1 or r.max_restarts < 0:
+        key = "workers" if r.workers < 1 else "max_restarts"
+        raise UserError(f"{where(recipe, f'rollout.{key}')}: key 'rollout.{key}' must be >= {1 if key == 'workers' else 0}, "
+                        f"got {getattr(r, key)}")
+    if recipe.ray.cpus_per_worker <= 0:
+        raise UserError(f"{where(recipe, 'ray.cpus_per_worker')}: key 'ray.cpus_per_worker' must be > 0, "
+                        f"got {recipe.ray.cpus_per_worker}")
     if m.threads < 1:
         raise UserError(f"{where(recipe, 'model.threads')}: key 'model.threads' must be >= 1, got {m.threads}")
     if not 0 < m.gpu_memory_utilization <= 1:

@@ -1,28 +1,35 @@
-"""The rollout worker: a process that owns a vLLM engine and generates scored groups continuously.
+"""A rollout worker: one vLLM engine and one reward pool, serving requests from the learner in order.
 
-Protocol (all messages are plain picklable tuples):
+`RolloutServer` is the worker itself, the same object whichever backend runs it (a spawned process,
+`serve_pipe`, or a Ray actor, rollouts/transport.py). It answers four requests, in the order sent:
 
-    learner -> worker (control queue)
-        ("weights", version, directory)   reload weights in place (or, LoRA with adapter sync, switch to
-                                          the adapter in `directory`); later batches carry `version`
-        ("generate", tag, prompt_ids, sampling)   completions per prompt with the current weights
-                                          (evaluation, logprob probes); sampling = RolloutEngine.generate keywords
-        ("stop",)
-    worker -> learner
-        samples queue: RolloutGroup, one per prompt, bounded; a reward is None where the reward
-                       pool masked the sample (the learner does not train on it)
-        events queue:  ("ready", startup_s, lora_sync) | ("synced", version, reload_s)
-                       | ("generated", metrics) | ("generations", tag, [Generation]) | ("error", traceback)
+    load(version, directory)            reload the weights (or, LoRA with adapter sync, switch to the
+                                        adapter in `directory`); returns the seconds taken
+    batch(batch, chunk, first, count)   prompts first .. first+count-1 of the stream, `group_size`
+                                        completions each, scored by the reward pool; returns
+                                        (list[RolloutGroup], metrics), every group tagged with the
+                                        policy version the worker holds
+    generate(prompt_ids, sampling)      completions with the current weights (evaluation, probes)
+    close()
 
-Batch `b` (the batch the learner consumes at step `b`) is generated only when the loaded weights
-are recent enough for it to arrive within the staleness bound (`buffer.may_generate`); with
-`max_staleness = 0` the worker waits for each step's weights before generating the next batch.
+The worker decides nothing about staleness or which prompts to take: the learner's fleet
+(rollouts/fleet.py) sends it a chunk only when the weights it will hold are recent enough, and
+assigns every prompt exactly once. A worker that dies is replaced and its chunk sent again.
+
+Process backend messages (tuples over one duplex pipe; the worker's replies go through a sender
+thread, so it never blocks on a learner that is busy sending it a large request):
+
+    learner -> worker   ("weights", version, directory) | ("batch", batch, chunk, first, count)
+                        | ("generate", tag, prompt_ids, sampling) | ("stop",)
+    worker -> learner   ("ready", startup_s, lora_sync) | ("synced", version, reload_s)
+                        | ("batch", batch, chunk, groups, metrics) | ("generations", tag, [Generation])
+                        | ("error", traceback)
 
 LoRA (`lora_rank` set): with `lora_sync` "adapter" or "auto" the engine starts with vLLM's LoRA
 support and every sync is an adapter; "auto" falls back to merged full weights when the engine
-cannot start with LoRA, and the "ready" event says which one runs ("adapter" | "merged"; None
-without LoRA). `start_weights` is a directory the learner published before the start (a resumed
-LoRA run): loaded before the first batch, as an adapter or as full weights.
+cannot start with LoRA, and "ready" says which one runs ("adapter" | "merged"; None without
+LoRA). `start_weights`: a published version directory to load before the first request (a resumed
+LoRA run, or a worker restarted mid-run with the current weights).
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.registry import RewardSpec
-from rollouts.buffer import RolloutGroup, may_generate
+from rollouts.buffer import RolloutGroup
 from rollouts.engine import EngineSettings
 from rollouts.prompts import PromptSource
 from rollouts.weight_sync import adapter_dir
@@ -66,54 +75,110 @@ class WorkerSpec:
     start_weights: str | None = None
 
 
-def worker_main(spec: WorkerSpec, samples, control, events) -> None:
-    """Process entry point; reports any crash as an ("error", traceback) event before exiting."""
+class RolloutServer:
+    """One engine, one reward pool; see the module docstring for the requests it answers."""
+
+    def __init__(self, spec: WorkerSpec):
+        import torch
+        from transformers import AutoTokenizer
+
+        from rewards.pool import RewardPool
+
+        torch.set_num_threads(spec.torch_threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(spec.torch_threads))
+        self.spec = spec
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        self.engine, self.lora_sync = _start_engine(spec)
+        self.version = spec.start_version
+        if spec.start_weights is not None:
+            _load(self.engine, self.lora_sync, spec.start_weights, spec.start_version)
+        self.pool = RewardPool(spec.rewards, workers=spec.reward_workers)
+        self.pool.start()
+
+    @property
+    def startup_s(self) -> float:
+        return self.engine.startup_s
+
+    def load(self, version: int, directory: str) -> float:
+        self.version = version
+        return _load(self.engine, self.lora_sync, directory, version)
+
+    def batch(self, first_prompt: int, count: int) -> tuple[list[RolloutGroup], dict[str, float]]:
+        return _generate_chunk(self.spec, self.engine, self.tokenizer, self.pool, self.version, first_prompt, count)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: dict) -> list[list]:
+        return self.engine.generate(prompt_ids, **sampling)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.engine.close()
+
+
+def serve_pipe(spec: WorkerSpec, conn, parent_pid: int) -> None:
+    """Process backend entry point: serve requests from `conn` until "stop", the pipe closes or the
+    learner (`parent_pid`) dies; a crash is reported as ("error", traceback) before exiting."""
+    die_with_parent(parent_pid)
+    outbox: queue.Queue = queue.Queue()
+    sender = threading.Thread(target=_send_all, args=(conn, outbox), daemon=True)
+    sender.start()
+    server = None
     try:
-        _run(spec, samples, control, events)
-    except BaseException:  # noqa: BLE001 - the traceback is the report the learner needs
-        events.put(("error", traceback.format_exc()))
-        raise
-
-
-def _run(spec: WorkerSpec, samples, control, events) -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from rewards.pool import RewardPool
-
-    torch.set_num_threads(spec.torch_threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(spec.torch_threads))
-    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
-    engine, lora_sync = _start_engine(spec)
-    if spec.start_weights is not None:
-        _load(engine, lora_sync, spec.start_weights, spec.start_version)
-    version, batch, next_prompt = spec.start_version, spec.start_batch, spec.start_prompt_index
-    parent = os.getppid()
-    with RewardPool(spec.rewards, workers=spec.reward_workers) as pool:
-        events.put(("ready", engine.startup_s, lora_sync))
-        while True:
-            if os.getppid() != parent:  # the learner was killed: nobody will consume our samples
+        server = RolloutServer(spec)
+        outbox.put(("ready", server.startup_s, server.lora_sync))
+        while os.getppid() == parent_pid:
+            if not conn.poll(1.0):
+                continue
+            try:
+                message = conn.recv()
+            except EOFError:  # the learner closed its end
                 break
-            blocked = not may_generate(batch, version, spec.max_staleness)
-            message = _next_message(control, block=blocked)
-            if message is None and blocked:
-                continue  # a poll timed out while the learner is busy: the bound still holds, wait on
-            if message is not None:
-                kind = message[0]
-                if kind == "stop":
-                    break
-                if kind == "weights":
-                    _, version, directory = message
-                    events.put(("synced", version, _load(engine, lora_sync, directory, version)))
-                elif kind == "generate":
-                    _, tag, prompt_ids, sampling = message
-                    events.put(("generations", tag, engine.generate(prompt_ids, **sampling)))
-                continue  # drain every pending message before generating
-            metrics = _generate_batch(spec, engine, tokenizer, pool, samples, version, next_prompt)
-            events.put(("generated", {**metrics, "rollout/batch": batch}))
-            batch += 1
-            next_prompt += spec.groups_per_batch
-    engine.close()
+            kind = message[0]
+            if kind == "stop":
+                break
+            if kind == "weights":
+                _, version, directory = message
+                outbox.put(("synced", version, server.load(version, directory)))
+            elif kind == "batch":
+                _, batch, chunk, first, count = message
+                groups, metrics = server.batch(first, count)
+                outbox.put(("batch", batch, chunk, groups, metrics))
+            elif kind == "generate":
+                _, tag, prompt_ids, sampling = message
+                outbox.put(("generations", tag, server.generate(prompt_ids, sampling)))
+    except BaseException:  # noqa: BLE001 - the traceback is the report the learner needs
+        outbox.put(("error", traceback.format_exc()))
+        raise
+    finally:
+        outbox.put(None)
+        sender.join(timeout=30)
+        if server is not None:
+            server.close()
+
+
+def _send_all(conn, outbox: queue.Queue) -> None:
+    while (message := outbox.get()) is not None:
+        try:
+            conn.send(message)
+        except (BrokenPipeError, EOFError, OSError):
+            return  # the learner is gone
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM to this process when its parent dies (Linux), and turn SIGTERM into
+    a normal exit so the engine and reward pool are closed; a learner killed alone leaves no worker."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the getppid check in the serving loop remains
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        raise SystemExit(0)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _start_engine(spec: WorkerSpec):
@@ -139,16 +204,10 @@ def _load(engine, lora_sync: str | None, directory: str, version: int) -> float:
     return engine.reload_weights(directory)
 
 
-def _next_message(control, block: bool):
-    try:
-        return control.get(timeout=1.0) if block else control.get_nowait()
-    except queue.Empty:
-        return None
-
-
-def _generate_batch(spec, engine, tokenizer, pool, samples, version: int, first_prompt: int) -> dict[str, float]:
+def _generate_chunk(spec, engine, tokenizer, pool, version: int, first_prompt: int,
+                    count: int) -> tuple[list[RolloutGroup], dict[str, float]]:
     start = time.perf_counter()
-    indices = range(first_prompt, first_prompt + spec.groups_per_batch)
+    indices = range(first_prompt, first_prompt + count)
     prompts, columns = zip(*(spec.prompts.get(i) for i in indices))
     prompt_ids = [spec.prompt_format.token_ids(tokenizer, {**c, "prompt": p}) for p, c in zip(prompts, columns)]
     outputs = engine.generate(
@@ -161,30 +220,27 @@ def _generate_batch(spec, engine, tokenizer, pool, samples, version: int, first_
         key: [c[key] for c in columns for _ in range(spec.group_size)] for key in (columns[0] if columns else {})
     }
     scored = pool.score(flat_prompts, [g.text for g in flat], [list(g.token_ids) for g in flat], flat_columns)
-    for k, index in enumerate(indices):
-        gens = outputs[k]
-        samples.put(
-            RolloutGroup(
-                prompt_index=index,
-                prompt=prompts[k],
-                prompt_ids=prompt_ids[k],
-                completion_ids=[list(g.token_ids) for g in gens],
-                sampling_logprobs=[list(g.logprobs) for g in gens],
-                completions=[g.text for g in gens],
-                rewards=scored.total[k * spec.group_size : (k + 1) * spec.group_size],
-                policy_version=version,
-                columns=columns[k],
-            )
+    groups = [
+        RolloutGroup(
+            prompt_index=index,
+            prompt=prompts[k],
+            prompt_ids=prompt_ids[k],
+            completion_ids=[list(g.token_ids) for g in outputs[k]],
+            sampling_logprobs=[list(g.logprobs) for g in outputs[k]],
+            completions=[g.text for g in outputs[k]],
+            rewards=scored.total[k * spec.group_size : (k + 1) * spec.group_size],
+            policy_version=version,
+            columns=columns[k],
         )
+        for k, index in enumerate(indices)
+    ]
     tokens = sum(len(g.token_ids) for g in flat)
-    return {
+    return groups, {
         "rollout/generate_s": generate_s,
         "rollout/score_s": time.perf_counter() - start - generate_s,
         "rollout/batch_s": time.perf_counter() - start,
         "rollout/tokens": float(tokens),
-        "rollout/tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
         **pool.stats(),
-        **reward_metrics(scored.total),
     }
 
 

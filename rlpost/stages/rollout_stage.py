@@ -58,7 +58,10 @@ def run_on_rollouts(cfg, ctx, *, learner_factory=None, grpo_settings=None) -> di
     settings = LoopSettings(max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step,
                             max_staleness=cfg.max_staleness, checkpoint_every=cfg.save_steps,
                             eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device, dtype=m.dtype,
-                            lora=getattr(cfg, "lora", None))
+                            lora=getattr(cfg, "lora", None), workers=ctx.recipe.rollout.workers,
+                            backend=ctx.recipe.rollout.backend, max_restarts=ctx.recipe.rollout.max_restarts,
+                            weight_transport=ctx.recipe.rollout.weight_transport, ray_address=ctx.recipe.ray.address,
+                            ray_cpus_per_worker=ctx.recipe.ray.cpus_per_worker)
     if grpo_settings is not None:
         settings.learner = grpo_settings
     with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:
