@@ -118,7 +118,8 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             return GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size,
                                reference_model=reference)
     learner = learner_factory(model, tokenizer, load_reference)
-    state = load_checkpoint(ckpt, model, learner.optimizer) if ckpt else RLState()
+    # latest_checkpoint has just checked every file against the manifest's sha256
+    state = load_checkpoint(ckpt, model, learner.optimizer, verify=False) if ckpt else RLState()
     if ckpt and (ckpt / EXTRA_STATE).exists():
         from safetensors.torch import load_file
 
