@@ -77,23 +77,76 @@ def test_async_mode_respects_the_bound_and_counts_exactly(sft_run, tmp_path):
     assert list((tmp_path / "grpo" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_sigkill_during_rl_resumes_without_gap_or_repeat(sft_run, tmp_path):
+def wait_for_steps(proc, ledger_path: Path, steps: int, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (ledger_path.exists() and len(ledger_path.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"the run did not reach step {steps} in {timeout_s} s"
+        time.sleep(0.02)
+
+
+def worker_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "grpo" / "workers.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_killed_rollout_worker_and_learner_resume_without_gap_repeat_or_orphan(sft_run, tmp_path):
+    """Two rollout workers. One is SIGKILLed mid-run: it is started again with the current weights and
+    the run goes on. Then the learner alone is SIGKILLed (not its process group): every process it
+    had started (engines, reward workers) is gone soon after, and the same command resumes with no
+    step, prompt or sample lost or repeated."""
     copy_sft(sft_run, tmp_path)
     steps = 30
-    cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.save_steps=3", "grpo.max_staleness=1")
+    cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.save_steps=3", "grpo.max_staleness=1",
+                         "rollout.workers=2")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + 400
     ledger_path = tmp_path / "grpo" / "ledger.jsonl"
-    # kill once a step past the step-3 checkpoint is recorded: that step must be redone, not repeated
-    while time.monotonic() < deadline and not (
-            ledger_path.exists() and len(ledger_path.read_text().splitlines()) >= 4):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_for_steps(proc, ledger_path, 1)
+        victim = next(r for r in worker_records(tmp_path) if r["event"] == "ready" and r["worker"] == 1)["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for_steps(proc, ledger_path, 5)  # past the step-3 checkpoint: that step must be redone, not repeated
+        events = [(r["event"], r["worker"]) for r in worker_records(tmp_path)]
+        assert events.count(("died", 1)) == 1 and events.count(("ready", 1)) == 2, events
+        started = descendants(proc.pid)
+        assert len(started) >= 4, started  # two engines, their reward workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while any(running(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        orphans = [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in started if running(p)]
+        assert not orphans, f"processes of the killed learner still run: {orphans}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     killed_at = len(ledger(tmp_path))
-    assert 4 <= killed_at < steps, f"kill landed at step {killed_at}; the test needs it mid-run"
+    assert 5 <= killed_at < steps, f"kill landed at step {killed_at}; the test needs it mid-run"
     assert not (tmp_path / "grpo" / "stage.json").exists() and not (tmp_path / "summary.json").exists()
 
     result = run(cmd)
