@@ -132,7 +132,8 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     metrics = MetricsLog(run_dir, resume_step=state.step)
     ledger = JsonlLog(run_dir / "ledger.jsonl")
     ledger.truncate_after(state.step)
-    publisher = WeightPublisher(run_dir.name)
+    # a worker busy with a chunk k batches ahead loads each version later, up to max_staleness + 1 behind
+    publisher = WeightPublisher(run_dir.name, keep=settings.max_staleness + 3)
     # Engines start from the stage's input (which no checkpoint rotation removes, so a worker can be
     # started again at any time) and load the current policy: LoRA, or a resumed run.
     worker.model_dir = str(policy_dir)

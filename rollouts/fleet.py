@@ -13,8 +13,9 @@ at most one chunk at a time, and chunks go out lowest batch first. So with max_s
 workers generate batch b's chunks together with the weights of version b; with max_staleness k
 they also run up to k batches ahead.
 
-Faults. A worker that dies (killed, crashed, its node lost) is started again with the newest
-published weights, and the chunk and generate requests it held are sent again. A chunk reaches
+Faults. A worker that dies (killed, crashed, its node lost) is started again on the stage's input
+and sent the newest published weights once its engine is up; the chunk and generate requests it
+held are sent again. A chunk reaches
 the learner as one message, whole or not at all, so no prompt is lost or trained on twice.
 `max_restarts` deaths in a row without a completed chunk in between stop the run with the
 worker's last error; a worker that fails before its engine is up stops it at once.
@@ -78,17 +79,18 @@ class RolloutFleet:
     def start(self, timeout_s: float = 600.0) -> None:
         """Start every worker and wait until all engines are up."""
         for worker_id in self.workers:
-            self._launch(worker_id)
+            self.transport.start(worker_id, self.spec)
         self._pump_until(lambda: all(w.ready for w in self.workers.values()), timeout_s, "engine start")
 
     def close(self) -> None:
         self.transport.close()
 
-    def _launch(self, worker_id: int) -> None:
-        version, weights = self.latest
+    def _relaunch(self, worker_id: int) -> None:
+        """Start a replacement on the stage's input weights; the newest ones follow once it is up (a
+        directory named now may be rotated away while the engine starts)."""
         old = self.workers[worker_id]
-        self.workers[worker_id] = _Worker(sent_version=version, requests=old.requests)
-        self.transport.start(worker_id, dataclasses.replace(self.spec, start_version=version, start_weights=weights))
+        self.workers[worker_id] = _Worker(sent_version=-1, requests=old.requests)
+        self.transport.start(worker_id, dataclasses.replace(self.spec, start_weights=None))
 
     # ------------------------------------------------------------------ the learner's calls
     def publish(self, version: int, directory: str) -> None:
@@ -174,12 +176,15 @@ class RolloutFleet:
             worker.ready, worker.acked_version = True, max(worker.acked_version, worker.sent_version)
             if self.startup_s is None:
                 self.startup_s, self.lora_sync = event[1], event[2]
+            version, directory = self.latest
+            if worker.sent_version < 0:  # a replacement: on the stage's input until it is sent the newest
+                if directory is None:  # nothing published yet: the input is the newest
+                    worker.sent_version = worker.acked_version = version
+                else:
+                    self.transport.send(worker_id, ("weights", version, directory))
+                    worker.sent_version = version
             self._on_event({"event": "ready", "worker": worker_id, "pid": self.transport.pid(worker_id),
                             "weights": worker.sent_version, "startup_s": event[1], "time": time.time()})
-            version, directory = self.latest
-            if worker.sent_version < version:  # weights published while it was starting
-                self.transport.send(worker_id, ("weights", version, directory))
-                worker.sent_version = version
             for message in worker.requests.values():  # those its predecessor did not answer
                 self.transport.send(worker_id, message)
         elif kind == "synced":
@@ -219,7 +224,7 @@ class RolloutFleet:
                         "weights": worker.acked_version, "time": time.time()})
         log.warning("rollout worker %d died (%s); starting it again with weights v%d%s", worker_id, why,
                     self.latest[0], f", chunk {worker.chunk} to be generated again" if worker.chunk else "")
-        self._launch(worker_id)
+        self._relaunch(worker_id)
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:

@@ -21,13 +21,13 @@ class ScriptedTransport:
         self.inbox: dict[int, list[tuple]] = {}
         self.version: dict[int, int] = {}
         self.sent: list[tuple[int, tuple]] = []
-        self.starts: list[tuple[int, int, str | None]] = []
+        self.starts: list[tuple[int, str | None, int]] = []  # (worker, start_weights, requests sent before)
         self.doomed: set[int] = set()
 
     def start(self, worker_id, spec):
         self.inbox[worker_id] = [("ready",)]
         self.version[worker_id] = spec.start_version
-        self.starts.append((worker_id, spec.start_version, spec.start_weights))
+        self.starts.append((worker_id, spec.start_weights, len(self.sent)))
         self.spec = spec
 
     def send(self, worker_id, message):
@@ -142,9 +142,12 @@ def test_a_killed_worker_is_started_again_with_the_newest_weights_and_its_chunk_
     indices = [g.prompt_index for b in batches for g in b]
     assert indices == list(range(12, 32)), "a prompt was lost or generated twice"
     assert fleet.restarts == 3
-    restarted = transport.starts[2:]
-    assert [(w, v) for w, v, _ in restarted] == [(1, 3), (0, 6), (1, 6)]
-    assert all(weights == f"/shm/v{v}" for _, v, weights in restarted)
+    # replacements start on the stage's input (a directory named at launch may be rotated away while the
+    # engine starts), and the first thing each is sent is the newest weights
+    assert [(w, weights) for w, weights, _ in transport.starts[2:]] == [(1, None), (0, None), (1, None)]
+    for (worker_id, _, before), version in zip(transport.starts[2:], (3, 6, 6)):
+        first = next(m for w, m in transport.sent[before:] if w == worker_id)
+        assert first == ("weights", version, f"/shm/v{version}"), (worker_id, first)
     assert [e["event"] for e in events].count("died") == 3
     assert fleet.sync_metrics()["rollout/worker_restarts"] == 3.0
 
