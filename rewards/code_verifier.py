@@ -23,11 +23,20 @@ namespace (as in HumanEval), so a candidate can shadow names they use; and an ob
 
 The code is taken from the last fenced block (```python / ```py / ```), preferring the last one
 that defines ``entry_point``; an unclosed final fence counts; without fences the whole text.
+
+Time: every sample has its own limits (``TIMEOUT_S`` wall, ``TIMEOUT_S + 1`` s CPU, the
+sandbox's memory and process bounds), and ``code_tests_reward`` runs all rows of a call at once
+(up to ``PARALLEL_RUNS``), so a call of at most ``PARALLEL_RUNS`` rows ends within
+``TIMEOUT_S + 2.5`` s whatever its programs do: a sleeping or looping sample costs its own reward,
+never its neighbours' (a reward pool call times out as a whole). Larger calls take
+``ceil(rows / PARALLEL_RUNS)`` such rounds at worst; ``call_time_bound_s(rows)`` gives the bound a
+caller's per-call timeout must cover. A sandbox that fails to run at all (status ``error``,
+``SandboxUnavailable``) raises: a broken sandbox is not a score of 0.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +46,14 @@ from rewards.code_sandbox import run_untrusted
 from rewards.errors import UserError
 
 TIMEOUT_S = 6.0  # wall limit of one check (one sandbox run)
-PARALLEL_RUNS = max(1, os.cpu_count() or 1)  # sandbox runs at once inside code_tests_reward
+PARALLEL_RUNS = 32  # rows of one code_tests_reward call that run at once (each in its own sandbox)
+_END_S = 2.5  # a run ends by its wall limit + this: the sandbox's 2 s grace, start-up, reaping
+
+
+def call_time_bound_s(rows: int, timeout_s: float = TIMEOUT_S) -> float:
+    """Longest a ``code_tests_reward`` call of ``rows`` rows can take: its rounds of at most
+    ``PARALLEL_RUNS`` concurrent sandbox runs, each ending by ``timeout_s + _END_S``."""
+    return math.ceil(max(rows, 1) / PARALLEL_RUNS) * (timeout_s + _END_S)
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("", "python", "python3", "py")
@@ -91,6 +107,9 @@ def _passed(program: str, tests: list[str], timeout_s: float) -> int:
                              budget=repr(budget))
     result = run_untrusted(source, timeout_s=timeout_s, cpu_s=max(1, int(timeout_s) + 1),
                            stdin=nonce + "\n")
+    if result.status == "error":  # the sandbox failed, not the program: no score at all
+        raise RuntimeError(f"code sandbox could not run the program: "
+                           f"{(result.stderr.strip().splitlines() or ['?'])[0]}")
     lines = set(result.stdout.splitlines())
     return sum(f"{nonce} pass {i}" in lines for i in range(len(tests)))
 
@@ -168,7 +187,8 @@ def code_tests_reward(prompts: Sequence[Any], completions: Sequence[Any],
 
     Columns: ``test`` + ``entry_point`` (HumanEval form; ``prompts`` holds the signature), or
     ``tests`` (a list of assert statements per row; optional ``test_setup_code``). A row with
-    neither gets ``None`` (not applicable). Rows run in parallel, ``PARALLEL_RUNS`` at a time.
+    neither gets ``None`` (not applicable). All rows run at once (up to ``PARALLEL_RUNS``), each
+    under its own limits, so the call ends within ``call_time_bound_s(len(completions))``.
     """
     n = len(completions)
     cols = [_column("prompts", prompts, n), completions, _column("test", test, n),
@@ -176,3 +196,6 @@ def code_tests_reward(prompts: Sequence[Any], completions: Sequence[Any],
             _column("test_setup_code", kwargs.get("test_setup_code"), n)]
     with ThreadPoolExecutor(max_workers=min(PARALLEL_RUNS, max(n, 1))) as pool:
         return list(pool.map(_score_one, range(n), *cols))
+
+
+code_tests_reward.max_rows_per_call = PARALLEL_RUNS  # the pool keeps calls to one round

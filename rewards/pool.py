@@ -158,15 +158,17 @@ def _call_in_worker(name: str, n: int, kwargs: dict[str, Any], args: dict[str, A
     return outcome
 
 
-def _check_in_worker(name: str) -> str | None:
-    """Runs inside a worker process: None when the function resolves, else the error message."""
+def _check_in_worker(name: str) -> tuple[str | None, int | None]:
+    """Runs inside a worker process: (None, the function's `max_rows_per_call` or None) when it
+    resolves, else (the error message, None)."""
     try:
-        resolve(name)
+        function = resolve(name)
     except BaseException as exc:  # process boundary: report any import-time failure as a message
         if isinstance(exc, UserError):
-            return str(exc)
-        return f"reward {name!r}: importing it failed: {exc!r}"
-    return None
+            return str(exc), None
+        return f"reward {name!r}: importing it failed: {exc!r}", None
+    rows = getattr(function, "max_rows_per_call", None)
+    return None, rows if isinstance(rows, int) and rows >= 1 else None
 
 
 def _mp_context() -> Any:
@@ -187,8 +189,10 @@ class RewardPool:
     """Runs reward functions in worker processes; use as a context manager.
 
     ``workers`` processes serve all functions. A batch is split into chunks of ``chunk_size``
-    samples (default: one chunk per worker) and each (function, chunk) pair is one call with
-    the function's ``timeout_s``. ``start_timeout_s`` bounds the start-up check that every
+    samples (default: one chunk per worker), and no larger than the ``max_rows_per_call`` any
+    function declares as an attribute (a function whose time grows with its rows, such as
+    ``code_tests``, so that its ``timeout_s`` bounds one call); each (function, chunk) pair is one
+    call with the function's ``timeout_s``. ``start_timeout_s`` bounds the start-up check that every
     function imports; ``close_timeout_s`` bounds shutdown.
 
     Latency percentiles cover calls that returned or raised, timed inside the worker (a
@@ -217,6 +221,7 @@ class RewardPool:
         self._masked = 0
         self._logged: set[tuple[str, str]] = set()
         self._pool: pebble.ProcessPool | None = None
+        self.max_rows_per_call: int | None = None  # the smallest any function declares (see `start`)
 
     def __enter__(self) -> RewardPool:
         self.start()
@@ -231,7 +236,9 @@ class RewardPool:
         futures = [pool.schedule(_check_in_worker, args=(s.name,)) for s in self.specs]
         for spec, future in zip(self.specs, futures):
             try:
-                problem = future.result(timeout=self.start_timeout_s)
+                problem, rows = future.result(timeout=self.start_timeout_s)
+                if rows is not None:
+                    self.max_rows_per_call = min(rows, self.max_rows_per_call or rows)
             except concurrent.futures.TimeoutError:
                 future.cancel()
                 problem = f"reward {spec.name!r}: importing it took more than {self.start_timeout_s} s"
@@ -283,7 +290,7 @@ class RewardPool:
                    per_function: dict[str, list[float | None]], failed: list[bool]) -> None:
         """Run every (function, chunk) call; fill ``per_function`` and flag in ``failed`` each
         sample that lost a value to a failed call or a bad value."""
-        chunks = _chunks(n, self.chunk_size or math.ceil(n / self.workers))
+        chunks = _chunks(n, min(self.chunk_size or math.ceil(n / self.workers), self.max_rows_per_call or n))
         calls = []
         for lo, hi in chunks:
             kwargs = {"prompts": list(prompts[lo:hi]), "completions": list(completions[lo:hi]),

@@ -14,6 +14,20 @@ else
   engine="cpu"
 fi
 spec="$engine${extras:+,$extras}"
+
+# The code sandbox (rewards/code_sandbox.py) runs untrusted programs under bubblewrap.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "rlpost setup: installing bubblewrap (bwrap) for the code sandbox" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+           && apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null 2>&1; } \
+      || echo "rlpost setup: could not install bubblewrap; run: apt-get update && apt-get install -y bubblewrap" >&2
+  else
+    echo "rlpost setup: bubblewrap (bwrap) is missing and the code sandbox needs it; install it: sudo apt-get install -y bubblewrap (or your distribution's bubblewrap package)" >&2
+  fi
+fi
 stamp=".venv/.rlpost-installed"
 want="$(sha256sum pyproject.toml | cut -c1-16) $spec"
 

@@ -100,3 +100,11 @@ def target_in_completion_reward(prompts, completions, completion_ids=None, targe
     if target is None:
         raise KeyError("the dataset column 'target' did not reach the reward function")
     return [1.0 if str(t) in c else 0.0 for c, t in zip(completions, target)]
+
+
+def call_size_reward(prompts, completions, completion_ids, **columns):
+    """Each sample's reward is the number of rows of the call that scored it."""
+    return [float(len(completions))] * len(completions)
+
+
+call_size_reward.max_rows_per_call = 3

@@ -125,3 +125,56 @@ def test_code_tests_reward_bad_columns():
     with pytest.raises(UserError, match="row 0"):
         code_tests_reward(prompts=["a"], completions=["x"], tests=["assert 1"])
     assert code_tests_reward(prompts=["a"], completions=["x"]) == [None]
+
+
+HONEST_ADD = "def add(a, b):\n    return a + b\n"
+HOSTILE_ADDS = {  # each also fails the tests; together they try every way to eat a worker's time
+    "infinite loop": "while True:\n    pass\n",
+    "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+    "memory bomb": "a = []\nwhile True:\n    a.append(b'x' * 10**7)\n",
+    "memory bomb, 4 processes": "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n"
+                                "        break\na = [b'x' * 10**7 for _ in range(30)]\ntime.sleep(600)\n",
+    "sleep": "import time\ntime.sleep(600)\n",
+    "big file": "with open('big', 'wb') as f:\n    while True:\n        f.write(b'x' * 10**6)\n",
+    "sleep in the tested call": "def add(a, b):\n    import time\n    time.sleep(600)\n",
+    "daemon": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n"
+              "def add(a, b):\n    return a - b\n",
+    "output flood": "while True:\n    print('x' * 10000)\n",
+    "busy threads": "import threading\ndef spin():\n    while True:\n        pass\n"
+                    "for _ in range(8):\n    threading.Thread(target=spin).start()\n",
+    "kill everything": "import ctypes, os, signal\nctypes.CDLL(None).kill(-1, signal.SIGKILL)\n"
+                       "def add(a, b):\n    return 0\n",
+}
+
+
+@pytest.mark.timeout(120)
+def test_hostile_samples_cost_only_their_own_reward():
+    """12 samples in ONE reward-pool call (as `rlpost score` runs code_tests, default timeout):
+    11 hostile programs cannot make the call time out, so the honest one still gets 1.0."""
+    from rewards.pool import RewardPool
+    from rewards.registry import RewardSpec
+
+    names = list(HOSTILE_ADDS)
+    names.insert(5, "honest")
+    completions = [HONEST_ADD if n == "honest" else HOSTILE_ADDS[n] for n in names]
+    assert len(completions) == 12
+    spec = RewardSpec(name="code_tests")  # the registry's default per-call timeout_s (10 s)
+    with RewardPool([spec], workers=1) as pool:  # one worker: all 12 rows in a single call
+        started = time.monotonic()
+        result = pool.score(["Add two numbers."] * 12, completions,
+                            columns={"tests": [ADD_TESTS] * 12})
+        took = time.monotonic() - started
+        counts = pool.counts()["code_tests"]
+    got = dict(zip(names, result.per_function["code_tests"]))
+    assert got == {n: 1.0 if n == "honest" else 0.0 for n in names}, (got, counts)
+    assert counts["calls"] == 1 and counts["timeouts"] == 0 and counts["crashes"] == 0
+    assert took < spec.timeout_s, took
+
+
+def test_call_time_bound_covers_registry_timeout():
+    """A call of up to PARALLEL_RUNS rows fits the registry's default per-call timeout."""
+    from rewards.code_verifier import PARALLEL_RUNS, call_time_bound_s
+    from rewards.registry import RewardSpec
+
+    assert call_time_bound_s(PARALLEL_RUNS) < RewardSpec(name="code_tests").timeout_s
+    assert call_time_bound_s(PARALLEL_RUNS + 1) == 2 * call_time_bound_s(1)

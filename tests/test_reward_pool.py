@@ -71,6 +71,15 @@ def test_good_async_and_column_functions_with_weights(make_pool):
                                    "wrong_length": 0, "nan": 0}
 
 
+def test_a_function_that_declares_max_rows_per_call_never_gets_a_larger_call(make_pool):
+    """code_tests declares it so that a call's rows fit its timeout (rewards/code_verifier.py)."""
+    pool = make_pool(RewardSpec(f"{FX}:call_size_reward"), RewardSpec(GOOD), workers=1)
+    assert pool.max_rows_per_call == 3
+    result = pool.score(PROMPTS, COMPLETIONS, None)  # 7 rows, one worker: calls of 3, 3 and 1
+    assert result.per_function[f"{FX}:call_size_reward"] == [3.0] * 6 + [1.0]
+    assert pool.counts()[GOOD]["calls"] == 3  # every function is called on the same chunks
+
+
 def test_all_none_sample_is_masked(make_pool):
     pool = make_pool(RewardSpec(f"{FX}:odd_only_reward", weight=0.5), workers=1)
     result = pool.score(["p", "p", "p"], ["a", "bb", "ccc"])
