@@ -26,6 +26,7 @@ from typing import Any
 from rlpost import lora
 from rlpost.checkpoint import RLState, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlpost.learners.grpo import GRPOLearner, LearnerSettings
+from rlpost.learners.update import NonFiniteStreak
 from rlpost.report import JsonlLog, MetricsLog
 from rollouts.buffer import StalenessCounts, StalenessGate
 from rollouts.fleet import RolloutFleet
@@ -56,6 +57,7 @@ class LoopSettings:
     weight_transport: str = "auto"
     ray_address: str | None = None
     ray_cpus_per_worker: float = 1.0
+    max_nonfinite_steps: int = 3  # steps in a row whose every update was NaN/inf (and skipped) before the run stops
 
 
 @dataclass
@@ -158,6 +160,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
         form = "adapter" if fleet.lora_sync == "adapter" else "full"
         if state.step == 0 and evaluate is not None:
             metrics.log(0, _eval_scalars(evaluate(FleetEngine(fleet, "step-0"), "step-0")))
+        streak = NonFiniteStreak(settings.max_nonfinite_steps)
         rl_start = last_step_end = time.perf_counter()
         while state.step < settings.max_steps:
             wait_start = time.perf_counter()
@@ -199,6 +202,7 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                 if evaluate is not None and version % settings.eval_every == 0:
                     scalars.update(_eval_scalars(evaluate(FleetEngine(fleet, f"step-{version}"), f"step-{version}")))
             metrics.log(version, scalars)
+            streak.update(version, scalars)  # skipped updates changed nothing; stop after several in a row
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{scalars['train/reward_mean']:.2f}",

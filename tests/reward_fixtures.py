@@ -108,3 +108,9 @@ def call_size_reward(prompts, completions, completion_ids, **columns):
 
 
 call_size_reward.max_rows_per_call = 3
+
+
+def overflow_reward(prompts, completions, completion_ids, **columns):
+    """A finite Python float beyond float32's range (3.4e38): inf once the learner makes it a tensor,
+    as a reward model with unbounded outputs could give."""
+    return [1e39] * len(completions)

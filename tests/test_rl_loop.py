@@ -188,3 +188,18 @@ def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
     assert record["steps"] == steps
     assert record["masked_samples"] == steps * samples_per_step == record["samples_trained"]
     check_contiguous(ledger(tmp_path), steps, 4, 4)
+
+
+def test_non_finite_updates_are_skipped_and_counted_then_stop_the_run_naming_the_steps(sft_run, tmp_path):
+    """Rewards that overflow float32 make every loss NaN: each update is skipped (the weights the
+    engine runs stay finite), counted, and the third such step in a row stops the run with one line."""
+    copy_sft(sft_run, tmp_path)
+    result = run(quickstart_cmd(tmp_path, "grpo.max_steps=10", "grpo.max_staleness=0", "grpo.scale_rewards=none",
+                                "grpo.rewards=['tests.reward_fixtures:overflow_reward']"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "3 steps in a row (1, 2, 3) had only non-finite updates" in result.stderr
+    assert "Traceback" not in result.stderr
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows if "train/nonfinite_updates" in r] == [1, 2, 3]
+    assert all(r["train/nonfinite_updates"] == 1.0 and r["train/optimizer_steps"] == 0.0
+               for r in rows if "train/nonfinite_updates" in r)

@@ -4,6 +4,15 @@ The seam between the RL loop (`rlpost.loop.run_rl`) and an update rule is `Learn
 rollouts, staleness, weight sync, checkpoints and the ledger; a learner owns the policy's
 optimiser and whatever else its algorithm trains (a value head, say), and turns one batch of
 `RolloutGroup`s into updates. A stage picks its learner by passing a `LearnerFactory` to `run_rl`.
+
+Every optimiser step of a learner goes through `rlpost.learners.update.apply_update` (zero_grad,
+backward, clip, step), which skips an update whose loss or gradient norm is NaN/inf; `step` reports
+`train/nonfinite_updates` and `train/nonfinite_step`, and `NonFiniteStreak` there stops a run after
+several non-finite steps in a row.
+
+Several processes (`rlpost.distributed`): `GRPOLearner(..., accelerator=)` trains across the
+processes of an `accelerate launch`; every rank calls `step` with the same whole batch (broadcast by
+the main rank) and trains on its shard. The other learners refuse a multi-process launch.
 """
 
 from __future__ import annotations

@@ -67,6 +67,32 @@ untouched) and `train/skipped_step` is 1.
 
 Dropout. The policy's and the reference's dropout is switched off (`disable_dropout`): logprobs
 must be deterministic for the sampler/learner parity and the importance ratios.
+
+Non-finite updates. Each optimiser step goes through `rlpost.learners.update.apply_update`: a NaN/inf
+loss or gradient norm skips that step (parameters and optimiser moments untouched, gradients
+zeroed), counted as `train/nonfinite_updates`; `train/nonfinite_step` = 1 when all of a batch's
+attempted steps were skipped (`NonFiniteStreak` in the same module stops a run after several).
+
+Several processes (`accelerator=`, an `accelerate.Accelerator` of W > 1 processes: DDP, FSDP2,
+DeepSpeed; `rlpost.distributed`). The policy and optimiser are `accelerator.prepare`d; `self.model`
+stays the unwrapped policy. Every rank's `step` gets the same whole batch of G groups and trains on
+its shard (`rlpost.distributed.shard_groups`: of each of the S mini-batches of G/S groups, its
+consecutive G/(S W) groups; G must divide by S x W, else ValueError). pi_old, advantages (per
+group), sampler weights and reference logprobs are computed on the shard; gradients are averaged
+over ranks (DDP), clipped as one all-reduced gradient, and the update equals the single-process
+one on the whole batch, up to float reassociation, because for every loss type the mean over
+ranks of the ranks' losses is the whole mini-batch's loss:
+
+    "grpo", "sapo" (per-sequence means, averaged), "luspo" (per-sequence sums, averaged) and
+    "dr_grpo" (token sum / (rows x max_completion_length)): equal shards, so the average of the
+    ranks' means is the mean over the mini-batch;
+    "dapo", "cispo": TRL divides the token sum by num_items_in_batch / W, so num_items_in_batch
+    is set to the whole batch's trainable tokens (`trainable_token_counts`), not the shard's;
+    "bnpo": TRL divides by the rank's own tokens n_r; the rank's loss is rescaled by n_r W / n
+    (n: the mini-batch's tokens over all ranks), making the average the token mean over all n.
+
+A mini-batch is skipped (on every rank) when it has no trainable token on any rank, so the ranks
+take the same steps. The non-finite guard decides collectively (`apply_update`).
 """
 
 from __future__ import annotations
@@ -81,6 +107,7 @@ from datasets import Dataset
 from rlpost.learners import kl as kl_estimators
 from rlpost.learners.advantages import (group_advantages, importance_weight_stats, rloo_advantages,
                                         truncated_importance_weights)
+from rlpost.learners.update import apply_update, nonfinite_scalars
 from rollouts.buffer import RolloutGroup
 
 
@@ -238,6 +265,16 @@ def _has_reward(reward) -> bool:
         return False
 
 
+def trainable_token_counts(groups: list[RolloutGroup]) -> list[int]:
+    """Per group: the completion tokens that reach the loss (`build_inputs`' completion mask): those of
+    its valid samples when it has >= 2 of them, else 0."""
+    counts = []
+    for group in groups:
+        ok = [_has_reward(r) for r in group.rewards]
+        counts.append(sum(len(c) for c, v in zip(group.completion_ids, ok) if v) if sum(ok) >= 2 else 0)
+    return counts
+
+
 def flatten_groups(groups: list[RolloutGroup]):
     """One row per sample: (prompt ids, completion ids, sampling logprobs, rewards with masked ones as 0.0,
     validity mask). A sample's reward is valid when it is a finite number (None = masked)."""
@@ -274,8 +311,11 @@ class GRPOLearner:
     of the stage's starting policy for the KL term; it is put in eval mode, its parameters stop
     requiring gradients and its dropout is disabled."""
 
+    # whether `step` can train across several processes (PrimeLearner: not yet, its PRM is not sharded)
+    multi_process = True
+
     def __init__(self, model, tokenizer, settings: LearnerSettings, output_dir: str, group_size: int,
-                 reference_model=None):
+                 reference_model=None, accelerator=None):
         from trl import GRPOConfig, GRPOTrainer
 
         if settings.loss_type not in LOSS_TYPES:
@@ -352,6 +392,34 @@ class GRPOLearner:
         self.optimizer = torch.optim.AdamW(
             (p for p in model.parameters() if p.requires_grad), lr=settings.learning_rate, weight_decay=0.0
         )
+        self.accelerator = accelerator
+        self._train_model = model  # what the loss's forward runs through: the DDP/FSDP wrapper when prepared
+        processes = self.trainer.accelerator.num_processes
+        if processes > 1 and not self.multi_process:
+            raise ValueError(f"{type(self).__name__} does not train across several processes yet (this is one of "
+                             f"{processes}): launch it with one process")
+        if accelerator is None and processes > 1:
+            raise ValueError(f"this process is one of {processes} launched together (WORLD_SIZE={processes}): pass "
+                             f"accelerator= (rlpost.distributed.Context.from_env().accelerator) so that the ranks "
+                             f"train together, or launch one process")
+        if accelerator is not None:
+            if accelerator.num_processes != processes:
+                raise ValueError(f"the accelerator has {accelerator.num_processes} processes, TRL's trainer "
+                                 f"{processes}: build both in the same launch")
+            self._prepare(accelerator, group_size)
+
+    def _prepare(self, accelerator, group_size: int) -> None:
+        """Wrap the policy and its optimiser for `accelerator` (DDP, FSDP2, DeepSpeed): the loss's forward
+        and backward run through the wrapper (`_train_model`), `self.model` stays the unwrapped policy
+        (the parameters the wrapper trains; what the loop publishes and saves)."""
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:  # not run here: DeepSpeed wants a micro batch size without a dataloader
+            config = plugin.deepspeed_config
+            if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                config["train_micro_batch_size_per_gpu"] = group_size
+            config.setdefault("gradient_clipping", self.settings.max_grad_norm)
+        self._train_model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.model = accelerator.unwrap_model(self._train_model)
 
     def _logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
         with torch.no_grad():
@@ -436,63 +504,97 @@ class GRPOLearner:
 
         `fresh[i]` marks on-policy groups, whose sampling logprobs must equal the learner's: their
         max |difference| is reported as `rollout/logprob_mismatch_max`. Reported: `train/loss` and
-        `train/grad_norm` (before clipping) as means over the batch's optimiser steps,
-        `train/optimizer_steps`, and every TRL metric of those steps (`train/entropy`,
+        `train/grad_norm` (before clipping) as means over the batch's applied optimiser steps,
+        `train/optimizer_steps` (applied), and every TRL metric of those steps (`train/entropy`,
         `train/clip_ratio/low_mean`, `.../high_mean`, `.../region_mean`, ..., `train/kl` when beta > 0)
         as its mean over them, NaNs left out as TRL's own logging does.
 
         Samples without a reward are masked (`train/masked_samples`; groups left with < 2 valid
         samples: `train/masked_groups`). A mini-batch without a trainable token gets no optimiser
         step; with none in the whole batch the step is skipped: no optimiser step,
-        `train/skipped_step` = 1, loss and grad norm reported as 0."""
+        `train/skipped_step` = 1, loss and grad norm reported as 0.
+
+        Non-finite updates (`rlpost.learners.update.apply_update`): an update whose loss or gradient
+        norm is NaN/inf is skipped (no optimiser step, parameters and moments untouched) and counted
+        in `train/nonfinite_updates`; `train/nonfinite_step` is 1 when every update attempted was
+        skipped (then `train/loss` and `train/grad_norm` are NaN).
+
+        With an accelerator of several processes every rank passes the same whole batch (the main
+        rank's, `rlpost.distributed.Context.broadcast_groups`) and trains on its shard
+        (`rlpost.distributed.shard_groups`; module docstring, "Several processes"). `train/loss`,
+        `train/grad_norm`, TRL's metrics and the sample counts are over the whole batch; the
+        sampler/learner comparisons (`rollout/logprob_mismatch_max`, the importance-weight statistics,
+        `train/kl_sampler_to_learner`) over this rank's shard."""
         start = time.perf_counter()
         size = groups[0].size if groups else 0
         parts = self.settings.steps_per_generation
         if len(groups) % parts:
             raise ValueError(f"{len(groups)} groups do not split into steps_per_generation = {parts} mini-batches "
                              f"of whole groups")
+        fresh = list(fresh) if fresh is not None else [True] * len(groups)
+        world = self.accelerator.num_processes if self.accelerator is not None else 1
+        tokens = trainable_token_counts(groups)  # per group, over the whole batch
+        per_part = len(groups) // parts
+        global_tokens = [sum(tokens[k * per_part:(k + 1) * per_part]) for k in range(parts)]
+        if world > 1:
+            from rlpost.distributed import shard_groups
+
+            rank = self.accelerator.process_index
+            fresh = shard_groups(fresh, rank, world, parts)
+            groups = shard_groups(groups, rank, world, parts)
         inputs = self.build_inputs(groups)  # pi_old, advantages, sampler weights: fixed for the whole batch
+        if world > 1:  # TRL's "dapo"/"cispo" normaliser: the whole batch's tokens (it divides by the world size)
+            inputs["num_items_in_batch"] = torch.tensor(float(sum(global_tokens)), device=inputs["advantages"].device)
         minibatches = split_by_groups(inputs, size, parts)
         mask = inputs["completion_mask"].bool()
         valid, trainable = inputs["reward_valid"], inputs["trainable"]
         self.trainer._metrics["train"].clear()
         metrics: dict[str, float] = {}
-        losses, grad_norms = [], []
+        results = []
         self.model.train()
         for _ in range(self.settings.num_iterations):
-            for batch in minibatches:
-                if not bool(batch["completion_mask"].any()):
-                    continue  # nothing to train on: no step, optimiser moments untouched
-                loss = self.trainer.compute_loss(self.model, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                       self.settings.max_grad_norm)))
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
-        skipped = not losses
+            for k, batch in enumerate(minibatches):
+                if not global_tokens[k]:
+                    continue  # nothing to train on (on any rank): no step, optimiser moments untouched
+                loss = self.trainer.compute_loss(self._train_model, batch)
+                if world > 1 and self.settings.loss_type == "bnpo":
+                    # TRL's "bnpo" divides by this rank's tokens; DDP's average over ranks of
+                    # loss_r * tokens_r * world / tokens equals the whole mini-batch's token mean
+                    loss = loss * (float(batch["completion_mask"].sum()) * world / global_tokens[k])
+                results.append(apply_update(self._train_model, self.optimizer, loss, self.settings.max_grad_norm,
+                                            self.accelerator))
+        applied = [r for r in results if r.applied]
         metrics.update({f"train/{k}": _mean_finite(v) for k, v in self.trainer._metrics["train"].items() if v})
         diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).abs()
         per_sample_fresh = torch.tensor(
-            [f for f, g in zip(fresh or [True] * len(groups), groups) for _ in range(g.size)], device=mask.device
+            [f for f, g in zip(fresh, groups) for _ in range(g.size)], device=mask.device
         )
         fresh_mask = mask & per_sample_fresh[:, None]
+        counts = torch.tensor([float(mask.size(0)), float(trainable.sum()), float((~valid).sum()),
+                               float((valid.view(-1, size).sum(dim=1) < 2).sum()), float(mask.sum())])
+        if world > 1:
+            counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
+        nan = float("nan")
         metrics.update(
             {
-                "train/loss": sum(losses) / len(losses) if losses else 0.0,
-                "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
-                "train/optimizer_steps": float(len(losses)),
+                "train/loss": (sum(r.loss for r in applied) / len(applied) if applied else nan) if results else 0.0,
+                "train/grad_norm": (sum(r.grad_norm for r in applied) / len(applied) if applied else nan)
+                if results else 0.0,
+                "train/optimizer_steps": float(len(applied)),
+                **nonfinite_scalars(results),
                 "train/step_s": time.perf_counter() - start,
-                "train/samples": float(mask.size(0)),
-                "train/trained_samples": float(trainable.sum()),
-                "train/masked_samples": float((~valid).sum()),
-                "train/masked_groups": float((valid.view(-1, size).sum(dim=1) < 2).sum()),
-                "train/skipped_step": float(skipped),
-                "train/completion_tokens": float(mask.sum()),
+                "train/samples": float(counts[0]),
+                "train/trained_samples": float(counts[1]),
+                "train/masked_samples": float(counts[2]),
+                "train/masked_groups": float(counts[3]),
+                "train/skipped_step": float(not results),
+                "train/completion_tokens": float(counts[4]),
                 "rollout/logprob_mismatch_max": float(diff[fresh_mask].max()) if fresh_mask.any() else float("nan"),
                 **importance_weight_stats(inputs["importance_sampling_ratio"], mask),
                 "train/kl_sampler_to_learner": _masked_mean(
                     kl_estimators.k3(inputs["sampling_per_token_logps"], inputs["old_per_token_logps"]), mask),
             }
         )
+        if world > 1:
+            metrics["train/processes"] = float(world)
         return metrics

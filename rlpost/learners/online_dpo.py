@@ -22,7 +22,9 @@ TRL's DPO loss for `loss_type` is applied to the batch's pairs, e.g. "sigmoid" (
 ("hinge": relu(1 - beta * h); "ipo": (h_tok - 1 / (2 beta))^2 with per-token log-ratios; the others
 as TRL 1.16's `DPOTrainer._compute_loss` defines them). One optimiser step per rollout batch on all
 its pairs (AdamW, gradient clipping at `max_grad_norm`); a batch without a pair takes no step
-(parameters and optimiser state untouched, `train/skipped_step` = 1).
+(parameters and optimiser state untouched, `train/skipped_step` = 1). The step goes through
+`rlpost.learners.update.apply_update`: a NaN/inf loss or gradient norm skips it likewise, reported as
+`train/nonfinite_updates` = `train/nonfinite_step` = 1 (loss and grad norm NaN). One process only.
 
 Log-probabilities are at temperature 1, as TRL's DPOTrainer and OnlineDPOTrainer compute them: DPO's
 implicit reward is defined on the policy itself, not on the tempered sampling distribution. The
@@ -60,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.learners.grpo import _has_reward, disable_dropout
+from rlpost.learners.update import apply_update, nonfinite_scalars
 from rollouts.buffer import RolloutGroup
 
 # TRL 1.16 DPO `loss_type`s that are a function of one (chosen, rejected) pair, the policy and the
@@ -190,6 +193,9 @@ class OnlineDPOLearner:
                                          [{"prompt_ids": [eos], "chosen_ids": [eos], "rejected_ids": [eos]}], cfg,
                                          out_dir=output_dir, seed=settings.seed,
                                          use_cpu=next(model.parameters()).device.type == "cpu")
+        if self.trainer.accelerator.num_processes > 1:
+            raise ValueError(f"the online DPO learner does not train across several processes yet (this is one of "
+                             f"{self.trainer.accelerator.num_processes}): launch it with one process")
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             (p for p in model.parameters() if p.requires_grad), lr=settings.learning_rate, weight_decay=0.0
@@ -251,15 +257,13 @@ class OnlineDPOLearner:
         nan = float("nan")
         metrics: dict[str, float] = {k: nan for k in _TRL_METRICS}
         loss_value, grad_norm = 0.0, 0.0
+        results = []
         if pairs:
             self.model.train()
             self.trainer._metrics["train"].clear()
             loss = self.trainer.compute_loss(self.model, self.batch(pairs))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
-            self.optimizer.step()
-            loss_value = float(loss.detach())
+            results.append(apply_update(self.model, self.optimizer, loss, self.settings.max_grad_norm))
+            loss_value, grad_norm = (results[0].loss, results[0].grad_norm) if results[0].applied else (nan, nan)
             logged = self.trainer._metrics["train"]
             metrics.update({k: float(logged[k][-1]) for k in _TRL_METRICS if logged.get(k)})
             if logged.get("entropy"):
@@ -270,7 +274,8 @@ class OnlineDPOLearner:
             "train/pairs": float(len(pairs)),
             "train/loss": loss_value,
             "train/grad_norm": grad_norm,
-            "train/optimizer_steps": float(bool(pairs)),
+            "train/optimizer_steps": float(sum(r.applied for r in results)),
+            **nonfinite_scalars(results),
             "train/skipped_step": float(not pairs),
             "train/pair_reward_gap": (sum(p[3] - p[4] for p in pairs) / len(pairs)) if pairs else nan,
             "train/pair_policy_lag_mean": sum(lags) / len(lags) if lags else nan,

@@ -70,6 +70,13 @@ reaches neither the policy loss, nor the value loss, nor the token counts that n
 needs no group baseline, so the other samples of its group train as usual. With no trainable sample
 in the batch no step is taken (`train/skipped_step` = 1).
 
+Non-finite updates. Each optimiser step (policy and value together) goes through
+`rlpost.learners.update.apply_update`: a NaN/inf loss or gradient norm skips it (no optimiser step;
+parameters, value model and moments untouched), counted as `train/nonfinite_updates`;
+`train/nonfinite_step` = 1 when every attempted step of the batch was skipped; the loss and grad
+norm means are over the applied steps (NaN when none was). One process only (a multi-process
+launch is refused): the value model is not wrapped for DDP.
+
 Dropout is switched off in the policy, the reference and the separate value model (`disable_dropout`).
 """
 
@@ -85,6 +92,7 @@ from datasets import Dataset
 from rlpost.learners.advantages import importance_weight_stats, truncated_importance_weights
 from rlpost.learners.gae import gae, token_rewards, whiten
 from rlpost.learners import kl as kl_estimators
+from rlpost.learners.update import apply_update, nonfinite_scalars
 from rlpost.learners.grpo import (_left_pad, _masked_mean, _mean_finite, _right_pad, _unused_reward,
                                   disable_dropout, flatten_groups, freeze_reference)
 from rollouts.buffer import RolloutGroup
@@ -209,6 +217,9 @@ class PPOLearner:
         )
         self.trainer = GRPOTrainer(model=model, reward_funcs=[_unused_reward], args=args,
                                    train_dataset=Dataset.from_list([{"prompt": "unused"}]), processing_class=tokenizer)
+        if self.trainer.accelerator.num_processes > 1:
+            raise ValueError(f"the PPO learner does not train across several processes yet (this is one of "
+                             f"{self.trainer.accelerator.num_processes}): launch it with one process")
         self.trainer.beta = s.beta  # `_compute_loss` reads `self.beta` and `ref_per_token_logps`
         # the samples come from vLLM: TRL multiplies each token's loss by our `importance_sampling_ratio`
         self.trainer.use_vllm = True
@@ -425,6 +436,7 @@ class PPOLearner:
         self.trainer._metrics["train"].clear()
         records: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "value_loss", "value_clipfrac",
                                                            "approx_kl", "grad_norm")}
+        results = []
         self.model.train()
         if self.value_backbone is not None:
             self.value_backbone.train()
@@ -436,16 +448,18 @@ class PPOLearner:
                 if not bool(batch["completion_mask"].any()):
                     continue  # nothing to train on: no step, optimiser moments untouched
                 terms = self.loss_terms(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                records["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(list(self._parameters()),
-                                                                                 s.max_grad_norm)))
-                self.optimizer.step()
+                result = apply_update(list(self._parameters()), self.optimizer, terms["loss"], s.max_grad_norm)
+                results.append(result)
+                if not result.applied:
+                    continue  # non-finite: skipped, counted in train/nonfinite_updates
+                records["grad_norm"].append(result.grad_norm)
                 for key in ("loss", "policy_loss", "value_loss", "value_clipfrac", "approx_kl"):
                     records[key].append(float(terms[key].detach()))
         steps = len(records["loss"])
         metrics = {f"train/{k}": _mean_finite(v) for k, v in self.trainer._metrics["train"].items() if v}
-        metrics.update({f"train/{k}": (sum(v) / len(v) if v else 0.0) for k, v in records.items()})
+        empty = float("nan") if results else 0.0  # every attempted update non-finite / none attempted
+        metrics.update({f"train/{k}": (sum(v) / len(v) if v else empty) for k, v in records.items()})
+        metrics.update(nonfinite_scalars(results))
         diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).abs()
         per_sample_fresh = torch.tensor(
             [f for f, g in zip(fresh or [True] * len(groups), groups) for _ in range(g.size)], device=mask.device)
@@ -457,7 +471,7 @@ class PPOLearner:
             "train/samples": float(rows),
             "train/trained_samples": float(valid.sum()),
             "train/masked_samples": float((~valid).sum()),
-            "train/skipped_step": float(steps == 0),
+            "train/skipped_step": float(not results),
             "train/completion_tokens": float(mask.sum()),
             "train/explained_variance": explained_variance(inputs["values_old"], inputs["returns"], mask),
             "train/value_mean": _masked_mean(inputs["values_old"], mask),

@@ -54,6 +54,9 @@ differs by (r_t - mean_i)/(K-1)), and advantages are not whitened over the batch
 Also reported: `train/process_reward_mean` (mean r_t over the tokens of the samples with a reward),
 `train/process_advantage_abs_mean` (mean |c * process return| over the trained tokens),
 `train/prm_samples` (N), `train/prm_label_mean` (mean o_i), `train/prm_grad_norm`, `train/prm_step_s`,
+`train/prm_nonfinite_updates` (PRM updates skipped by `rlpost.learners.update.apply_update` for a
+NaN/inf loss or gradient norm; `train/nonfinite_updates` counts the policy's and the PRM's, and
+`train/nonfinite_step` is 1 when all of the step's attempted updates, both kinds, were skipped),
 and everything `GRPOLearner.step` reports (`train/step_s` includes the PRM's time).
 
 Checkpoints: `extra_state()` holds the PRM's weights (`prm.<state_dict key>`) and its AdamW state
@@ -72,6 +75,7 @@ import torch
 from rewards.implicit_prm import completion_logprobs, outcome_loss_from_log_ratios
 from rlpost.learners.advantages import _valid_groups, rloo_advantages
 from rlpost.learners.grpo import GRPOLearner, LearnerSettings, _right_pad, disable_dropout, flatten_groups
+from rlpost.learners.update import apply_update
 from rollouts.buffer import RolloutGroup
 
 PRM_PREFIX, PRM_OPT_PREFIX = "prm.", "prm_opt."
@@ -140,7 +144,9 @@ class PrimeLearner(GRPOLearner):
     `prm_model`: a trainable copy of the stage's starting policy (the PRM pi_phi); `prm_reference`:
     a frozen copy of it (pi_ref). `reference_model` (beta > 0) is the KL term's reference, as in
     `GRPOLearner`; it may be the same object as `prm_reference` (TRL's fused LM head, which
-    `freeze_reference` adds, leaves the plain forward the PRM uses unchanged)."""
+    `freeze_reference` adds, leaves the plain forward the PRM uses unchanged). One process only."""
+
+    multi_process = False  # the PRM and its update are not sharded across processes
 
     def __init__(self, model, tokenizer, settings: LearnerSettings, prime: PrimeSettings, output_dir: str,
                  group_size: int, prm_model, prm_reference, reference_model=None):
@@ -166,6 +172,7 @@ class PrimeLearner(GRPOLearner):
         self.prm_optimizer = torch.optim.AdamW(
             (p for p in self.prm.parameters() if p.requires_grad), lr=prime.prm_learning_rate, weight_decay=0.0)
         self._process_metrics: dict[str, float] = {}
+        self._prm_results: list = []  # the PRM's updates of the current step (`apply_update` results)
 
     # ------------------------------------------------------------------------- the PRM
 
@@ -188,12 +195,14 @@ class PrimeLearner(GRPOLearner):
     def update_prm(self, groups: list[RolloutGroup]) -> dict[str, float]:
         """`prm_steps` AdamW steps on the outcome-label cross-entropy (module docstring, step 1)."""
         start = time.perf_counter()
+        self._prm_results = []
         prompts, completions, labels = self.outcome_labels(groups)
         metrics = {"train/prm_samples": float(len(labels)),
                    "train/prm_label_mean": float(labels.mean()) if len(labels) else float("nan")}
         if not len(labels):  # nothing labelled: no step, optimiser state untouched
             metrics.update({"train/prm_loss": float("nan"), "train/prm_accuracy": float("nan"),
-                            "train/prm_grad_norm": 0.0, "train/prm_step_s": time.perf_counter() - start})
+                            "train/prm_grad_norm": 0.0, "train/prm_nonfinite_updates": 0.0,
+                            "train/prm_step_s": time.perf_counter() - start})
             return metrics
         device = next(self.prm.parameters()).device
         labels = labels.to(device)
@@ -207,11 +216,12 @@ class PrimeLearner(GRPOLearner):
                     scores = self.prime.prm_beta * torch.stack([r.sum() for r in ratios])
                     metrics["train/prm_loss"] = float(loss.detach())
                     metrics["train/prm_accuracy"] = float(((scores > 0).float() == labels).float().mean())
-            self.prm_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.prm.parameters(), self.settings.max_grad_norm)))
-            self.prm_optimizer.step()
-        metrics["train/prm_grad_norm"] = sum(grad_norms) / len(grad_norms)
+            result = apply_update(self.prm, self.prm_optimizer, loss, self.settings.max_grad_norm)
+            self._prm_results.append(result)
+            if result.applied:
+                grad_norms.append(result.grad_norm)
+        metrics["train/prm_grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        metrics["train/prm_nonfinite_updates"] = float(sum(not r.applied for r in self._prm_results))
         metrics["train/prm_step_s"] = time.perf_counter() - start
         return metrics
 
@@ -262,8 +272,14 @@ class PrimeLearner(GRPOLearner):
         (computed by `build_inputs` from the updated PRM)."""
         start = time.perf_counter()
         prm_metrics = self.update_prm(groups)
+        prm_results = self._prm_results
         metrics = super().step(groups, fresh)
+        policy_updates = metrics["train/optimizer_steps"] + metrics["train/nonfinite_updates"]
+        attempted = policy_updates + len(prm_results)
+        skipped = metrics["train/nonfinite_updates"] + sum(not r.applied for r in prm_results)
         metrics.update(prm_metrics)
+        metrics["train/nonfinite_updates"] = float(skipped)  # the policy's and the PRM's
+        metrics["train/nonfinite_step"] = float(attempted > 0 and skipped == attempted)
         metrics.update(self._process_metrics)
         metrics["train/step_s"] = time.perf_counter() - start
         return metrics
