@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.soak import descendants, running
 from tests.spine_helpers import REPO, copy_sft, quickstart_cmd, run
 
 pytestmark = pytest.mark.slow
@@ -88,30 +89,6 @@ def wait_for_steps(proc, ledger_path: Path, steps: int, timeout_s: float = 400) 
 def worker_records(run_dir: Path) -> list[dict]:
     path = run_dir / "grpo" / "workers.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_killed_rollout_worker_and_learner_resume_without_gap_repeat_or_orphan(sft_run, tmp_path):
