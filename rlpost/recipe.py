@@ -104,7 +104,7 @@ class RolloutSection:
     workers: int = setting(1, "rollout workers, each with its own vLLM engine and reward pool; every batch is split "
                               "among them (docs/scaling.md)")
     backend: str = setting("process", "'process': workers are child processes of the learner; 'ray': Ray actors, on "
-                                      "a local cluster or the one ray.address names (pip install 'rlpost[ray]')",
+                                      "a local cluster or the one ray.address names (bash scripts/setup.sh ray)",
                            choices=("process", "ray"))
     max_restarts: int = setting(3, "worker deaths in a row, with no finished chunk between them, before the run stops "
                                    "(a dead worker is started again with the current weights)")

@@ -31,6 +31,7 @@ from multiprocessing import connection
 from pathlib import Path
 from typing import Protocol
 
+from rewards.errors import UserError
 from rollouts.worker import WorkerSpec, serve_pipe
 
 log = logging.getLogger("rollouts.transport")
@@ -197,8 +198,8 @@ class RayTransport:
         try:
             import ray
         except ImportError:
-            raise RuntimeError("rollout.backend 'ray' needs Ray: pip install 'rlpost[ray]' "
-                               "(or set rollout.backend: process)") from None
+            raise UserError("rollout.backend 'ray' needs Ray: bash scripts/setup.sh ray (or pip install "
+                               "'rlpost[ray]'), or set rollout.backend: process") from None
         if weight_transport not in ("auto", "shared_memory", "object_store"):
             raise ValueError(f"weight_transport {weight_transport!r}: use auto, shared_memory or object_store")
         self._ray = ray

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv at the repository root and install rlpost into it.
 #   bash scripts/setup.sh          # runtime dependencies
-#   bash scripts/setup.sh test     # plus test extras
+#   bash scripts/setup.sh test     # plus test extras (Ray among them)
+#   bash scripts/setup.sh ray      # plus Ray, for rollout.backend: ray
 # A second run with the same pyproject.toml and extras installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
