@@ -285,12 +285,13 @@ def test_non_finite_reward_is_masked_too(learner, tokenizer):
 
 
 def test_worker_reward_metrics_ignore_masked_samples():
-    """The rollout worker's batch metrics: mean over the samples that have a reward, and their count."""
-    import queue
+    """A batch's reward metrics: mean over the samples that have a reward, and the count of those that
+    have none; the worker passes the pool's None through to the groups (rollouts/fleet.py merges
+    every chunk's groups into these metrics)."""
     from types import SimpleNamespace
 
     from rollouts.engine import Generation
-    from rollouts.worker import _generate_batch, reward_metrics
+    from rollouts.worker import _generate_chunk, reward_metrics
 
     assert reward_metrics([1.0, None, 0.0, 0.5]) == {"rollout/reward_mean": 0.5, "rollout/masked_samples": 1.0}
     empty = reward_metrics([None, None])
@@ -317,7 +318,8 @@ def test_worker_reward_metrics_ignore_masked_samples():
 
     spec = SimpleNamespace(prompts=Prompts(), prompt_format=Format(), rewards=[], group_size=2, groups_per_batch=2,
                            temperature=1.0, max_tokens=4, max_staleness=0)
-    samples = queue.Queue()
-    metrics = _generate_batch(spec, Engine(), lambda text, **kw: {"input_ids": [1, 2]}, Pool(), samples, 0, 0)
-    assert metrics["rollout/reward_mean"] == 0.5 and metrics["rollout/masked_samples"] == 2.0
-    assert [samples.get_nowait().rewards for _ in range(2)] == [[1.0, None], [None, 0.0]]
+    groups, metrics = _generate_chunk(spec, Engine(), lambda text, **kw: {"input_ids": [1, 2]}, Pool(), 0, 0, 2)
+    assert [g.rewards for g in groups] == [[1.0, None], [None, 0.0]]
+    assert reward_metrics([r for g in groups for r in g.rewards]) == {"rollout/reward_mean": 0.5,
+                                                                     "rollout/masked_samples": 2.0}
+    assert metrics["reward/samples"] == 4.0

@@ -18,7 +18,7 @@ from rlpost.evaluation.runner import generate
 from rlpost.prompting import PromptFormat
 from rlpost.stages.sft import _tokenize
 from rollouts.engine import Generation
-from rollouts.worker import _generate_batch
+from rollouts.worker import _generate_chunk
 from tests.bpe_model import build_bpe_model_dir
 
 ROW = {"prompt": "unused raw prompt", "question": "Tom has 3 apples and buys 4 more. How many now?", "answer": "7"}
@@ -62,7 +62,7 @@ def test_rollout_sft_and_eval_paths_give_identical_prompt_ids(model_dir):
     engine = RecordingEngine()
     spec = SimpleNamespace(prompts=DatasetPrompts((ROW,)), prompt_format=FORMAT, groups_per_batch=1, group_size=2,
                            temperature=1.0, max_tokens=4)
-    _generate_batch(spec, engine, tokenizer, Pool(), SimpleNamespace(put=lambda group: None), 0, 0)
+    _generate_chunk(spec, engine, tokenizer, Pool(), 0, 0, 1)
     rollout_ids = engine.seen[0]
 
     sft = _tokenize(tokenizer, FORMAT, {**ROW, "completion": "7"})
