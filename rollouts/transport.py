@@ -26,7 +26,6 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import tempfile
 from multiprocessing import connection
 from pathlib import Path
 from typing import Protocol
@@ -170,12 +169,15 @@ class RolloutActor:
             shutil.rmtree(self.weights_root, ignore_errors=True)
 
     def _local_copy(self, version: int, files: dict[str, bytes]) -> Path:
+        """Write a version received through the object store to this node's shared memory, in a root
+        that records this actor as its owner: a killed actor's copy is removed by the next one."""
         import shutil
 
-        from rollouts.weight_sync import shared_memory_base
+        from rollouts.weight_sync import remove_leftovers, shared_memory_root
 
         if self.weights_root is None:
-            self.weights_root = Path(tempfile.mkdtemp(prefix="rlpost-ray-weights-", dir=shared_memory_base()))
+            remove_leftovers("ray-weights")
+            self.weights_root = shared_memory_root("ray-weights")
         directory = self.weights_root / f"v{version:06d}"
         for relative, data in files.items():
             path = directory / relative

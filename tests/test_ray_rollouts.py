@@ -9,11 +9,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
+from rollouts.weight_sync import shared_memory_base
 from tests.spine_helpers import REPO, copy_sft, quickstart_cmd
-from tests.test_rl_loop import check_contiguous, grpo_record, ledger, metrics, wait_for_steps, worker_records
+from tests.test_rl_loop import (
+    check_contiguous,
+    grpo_record,
+    ledger,
+    metrics,
+    wait_for_steps,
+    worker_records,
+)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray")
@@ -21,6 +30,7 @@ pytest.importorskip("ray")
 
 def test_two_ray_actors_share_batches_survive_a_kill_and_stay_on_policy(sft_run, tmp_path):
     copy_sft(sft_run, tmp_path)
+    started = time.time()
     steps = 6
     cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.max_staleness=0", "grpo.eval_steps=3",
                          "rollout.backend=ray", "rollout.workers=2", "rollout.weight_transport=object_store")
@@ -47,3 +57,5 @@ def test_two_ray_actors_share_batches_survive_a_kill_and_stay_on_policy(sft_run,
     probes = [m["sync/logprob_mismatch_max"] for m in logged if "sync/logprob_mismatch_max" in m]
     assert len(probes) == 2 and max(probes) <= 1e-3  # both engines run the learner's weights after each sync
     assert grpo_record(tmp_path)["worker_restarts"] == 1
+    # the killed actor's copy of the weights (it never closed) was removed by its replacement
+    assert not [p for p in shared_memory_base().glob("rlpost-ray-weights-*") if p.stat().st_mtime >= started]
