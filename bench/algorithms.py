@@ -75,6 +75,22 @@ def base_recipe() -> dict:
     return {k: full[k] for k in ("model", "data", "eval")} | {"stages": [s for s in full["stages"] if s["type"] == "sft"]}
 
 
+def from_policy(policy: Path, stages: list[dict], seed: int = 0, **sections) -> dict:
+    """A recipe of the quickstart's data and evaluation with `policy` as the model, then `stages`;
+    `sections`: other top-level sections (e.g. rollout={...})."""
+    base = base_recipe()
+    model = {k: v for k, v in base["model"].items() if k != "build"} | {"path": str(policy)}
+    return {"seed": seed, "model": model, "data": base["data"], "eval": base["eval"], **sections, "stages": stages}
+
+
+def sft_policy(root: Path, given: Path | None = None) -> Path:
+    """`given`, or the quickstart's SFT stage (seed 0) trained once into ROOT/sft (reused when finished)."""
+    if given is not None:
+        return given
+    run_recipe(base_recipe() | {"seed": 0}, root / "sft")
+    return root / "sft" / "sft" / "policy"
+
+
 def run_recipe(recipe: dict, run_dir: Path) -> tuple[dict, float]:
     """`rlpost run` on `recipe` into `run_dir` (reused when finished): its summary and wall seconds."""
     marker = run_dir / "bench.json"
@@ -139,8 +155,6 @@ def main() -> None:
     sft_summary, sft_wall = run_recipe(base | {"seed": 0}, root / "sft")
     sft_eval = sft_summary["evaluations"]["held_out"]["points"]["sft"]
     checkpoint = root / "sft" / "sft" / "policy"
-    one_stage = {k: base[k] for k in ("model", "data", "eval")}
-    one_stage["model"] = {k: v for k, v in base["model"].items() if k != "build"} | {"path": str(checkpoint)}
 
     results = []
     for algorithm in args.algorithms:
@@ -149,7 +163,7 @@ def main() -> None:
             seeds = args.seeds if bound in (2, None) else args.staleness_seeds
             for seed in seeds:
                 name = f"{algorithm}-seed{seed}" + (f"-stale{bound}" if bound is not None else "")
-                recipe = one_stage | {"seed": seed, "stages": [stage(algorithm, args.steps, bound or 0)]}
+                recipe = from_policy(checkpoint, [stage(algorithm, args.steps, bound or 0)], seed=seed)
                 summary, wall = run_recipe(recipe, root / name)
                 samples, tokens = drawn(root / name, algorithm, summary)
                 result = {"algorithm": algorithm, "seed": seed, "max_staleness": bound, "wall_s": wall,

@@ -20,13 +20,12 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.algorithms import base_recipe, run_recipe, stage
+from bench.algorithms import from_policy, run_recipe, sft_policy, stage
 
 
-def layout_recipe(policy: Path, base: dict, steps: int, staleness: int, backend: str, workers: int) -> dict:
+def layout_recipe(policy: Path, steps: int, staleness: int, backend: str, workers: int) -> dict:
     grpo = stage("grpo", steps, staleness) | {"eval_steps": steps, "save_steps": steps}
-    return {"seed": 0, "model": {"path": str(policy), "threads": 1}, "data": base["data"], "eval": base["eval"],
-            "rollout": {"backend": backend, "workers": workers}, "stages": [grpo]}
+    return from_policy(policy, [grpo], rollout={"backend": backend, "workers": workers})
 
 
 def figures(summary: dict, wall_s: float) -> dict:
@@ -47,16 +46,12 @@ def main() -> None:
     parser.add_argument("--sft", type=Path, help="start from this policy directory instead of training SFT")
     args = parser.parse_args()
     root = args.root.resolve()
-    base = base_recipe()
-    policy = args.sft
-    if policy is None:
-        run_recipe(base | {"seed": 0}, root / "sft")
-        policy = root / "sft" / "sft" / "policy"
+    policy = sft_policy(root, args.sft)
     rows = []
     for staleness in args.staleness:
         for layout in args.layouts:
             backend, workers = layout.split(":")
-            recipe = layout_recipe(policy, base, args.steps, staleness, backend, int(workers))
+            recipe = layout_recipe(policy, args.steps, staleness, backend, int(workers))
             summary, wall = run_recipe(recipe, root / f"{backend}{workers}-stale{staleness}")
             rows.append({"layout": layout, "staleness": staleness, **figures(summary, wall)})
     (root / "scale_out.json").write_text(json.dumps(rows, indent=1))

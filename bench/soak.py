@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.algorithms import REPO, base_recipe, run_recipe, stage
+from bench.algorithms import REPO, from_policy, sft_policy, stage
 
 
 def descendants(pid: int) -> list[int]:
@@ -158,14 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    base = base_recipe()
-    policy = args.sft
-    if policy is None:
-        run_recipe(base | {"seed": 0}, root / "sft")
-        policy = root / "sft" / "sft" / "policy"
     grpo = stage("grpo", args.steps, staleness=1) | {"save_steps": 25, "eval_steps": args.steps}
-    recipe = {"seed": 0, "model": {"path": str(policy), "threads": 1}, "data": base["data"], "eval": base["eval"],
-              "rollout": {"workers": args.workers}, "stages": [grpo]}
+    recipe = from_policy(sft_policy(root, args.sft), [grpo], rollout={"workers": args.workers})
     commands = {}
     for name in ("baseline", "soak"):
         path = root / f"{name}.yaml"
