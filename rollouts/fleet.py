@@ -134,10 +134,6 @@ class RolloutFleet:
         self._pump_until(lambda: all(w.ready and w.acked_version >= version for w in self.workers.values()),
                          timeout_s, f"weights v{version} on every engine")
 
-    def kill(self, worker_id: int) -> None:
-        """SIGKILL one worker (fault tests, bench/soak.py); the fleet notices and restarts it."""
-        self.transport.kill(worker_id)
-
     def sync_metrics(self) -> dict[str, float]:
         """Per-engine weight-load seconds of the newest version every engine has loaded since the last call,
         and the round trip from `publish` to the last engine's acknowledgement."""

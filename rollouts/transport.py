@@ -8,8 +8,8 @@ order and hands back their replies as events; it knows nothing of batches, versi
     send(worker_id, message)    one request, a tuple of rollouts/worker.py's protocol
     wait(timeout_s)             [(worker_id, event)], the replies that arrived, in order per worker;
                                 ("died", detail) once when a worker is gone (killed, crashed, lost)
-    kill(worker_id)             SIGKILL the worker (fault tests and bench/soak.py)
-    pid(worker_id)              its process id
+    pid(worker_id)              its process id (workers.jsonl records it: fault tests and
+                                bench/soak.py kill workers by it)
     close()                     stop every worker
 
 `ProcessTransport` is the embedded default: one spawned process per worker and one duplex pipe
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import signal
 import sys
 from multiprocessing import connection
 from pathlib import Path
@@ -40,7 +39,6 @@ class Transport(Protocol):
     def start(self, worker_id: int, spec: WorkerSpec) -> None: ...
     def send(self, worker_id: int, message: tuple) -> None: ...
     def wait(self, timeout_s: float) -> list[tuple[int, tuple]]: ...
-    def kill(self, worker_id: int) -> None: ...
     def pid(self, worker_id: int) -> int | None: ...
     def close(self) -> None: ...
 
@@ -106,11 +104,6 @@ class ProcessTransport:
             process.kill()
             process.join(timeout=10)
         self._dead.append((worker_id, why))
-
-    def kill(self, worker_id: int) -> None:
-        pid = self.pid(worker_id)
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
 
     def pid(self, worker_id: int) -> int | None:
         entry = self._workers.get(worker_id)
@@ -298,11 +291,6 @@ class RayTransport:
             self._ray.kill(actor, no_restart=True)
         self._pids.pop(worker_id, None)
         self._pending = {ref: w for ref, w in self._pending.items() if w != worker_id}
-
-    def kill(self, worker_id: int) -> None:
-        pid = self._pids.get(worker_id)
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)  # as a crash would, not ray.kill: the fleet must notice by itself
 
     def pid(self, worker_id: int) -> int | None:
         return self._pids.get(worker_id)
