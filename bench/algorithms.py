@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -91,8 +93,9 @@ def sft_policy(root: Path, given: Path | None = None) -> Path:
     return root / "sft" / "sft" / "policy"
 
 
-def run_recipe(recipe: dict, run_dir: Path) -> tuple[dict, float]:
-    """`rlpost run` on `recipe` into `run_dir` (reused when finished): its summary and wall seconds."""
+def run_recipe(recipe: dict, run_dir: Path, learner_ranks: int = 1) -> tuple[dict, float]:
+    """`rlpost run` on `recipe` into `run_dir` (reused when finished): its summary and wall seconds.
+    `learner_ranks` > 1: under `accelerate launch` (recipes/accelerate/ddp_cpu.yaml), one thread each."""
     marker = run_dir / "bench.json"
     if marker.exists() and (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text()), json.loads(marker.read_text())["wall_s"]
@@ -100,7 +103,16 @@ def run_recipe(recipe: dict, run_dir: Path) -> tuple[dict, float]:
     path = run_dir / "bench-recipe.yaml"
     path.write_text(yaml.safe_dump(recipe | {"run_dir": str(run_dir)}, sort_keys=False))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rlpost.cli", "run", str(path)], cwd=REPO, check=True)
+    command, env = [sys.executable, "-m", "rlpost.cli", "run", str(path)], None
+    if learner_ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                   str(REPO / "recipes" / "accelerate" / "ddp_cpu.yaml"), "--num_processes", str(learner_ranks),
+                   "--main_process_port", str(port), "-m", *command[2:]]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(command, cwd=REPO, check=True, env=env)
     wall = time.perf_counter() - start
     marker.write_text(json.dumps({"wall_s": wall}))
     return json.loads((run_dir / "summary.json").read_text()), wall

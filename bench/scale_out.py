@@ -1,8 +1,10 @@
-"""Rollout scale-out: the same GRPO stage with 1 and with 2 rollout workers, side by side in one run.
+"""Scale-out: the same GRPO stage with 1 and with 2 rollout workers (or learner ranks), side by side in one run.
 
     .venv/bin/python -m bench.scale_out [--steps 100] [--layouts ray:1 ray:2 process:1 process:2] [--sft DIR]
+    .venv/bin/python -m bench.scale_out --staleness 0 --layouts process:1 process:1:2    # learner ranks
 
-Each layout (backend:workers) runs one recipe (the quickstart's SFT policy, trained once as
+Each layout (backend:workers[:learner ranks], ranks under `accelerate launch` with
+recipes/accelerate/ddp_cpu.yaml) runs one recipe (the quickstart's SFT policy, trained once as
 bench/algorithms.py does or given by `--sft`, then a grpo stage of `--steps` steps at max_staleness 0
 and at 1) one after the other on this machine. Printed per layout: held-out accuracy after RL with
 its 95% Wilson interval, wall seconds of the RL loop, steps/s, rollout tokens/s (every engine's
@@ -50,9 +52,10 @@ def main() -> None:
     rows = []
     for staleness in args.staleness:
         for layout in args.layouts:
-            backend, workers = layout.split(":")
+            backend, workers, ranks = (layout.split(":") + ["1"])[:3]
             recipe = layout_recipe(policy, args.steps, staleness, backend, int(workers))
-            summary, wall = run_recipe(recipe, root / f"{backend}{workers}-stale{staleness}")
+            name = f"{backend}{workers}" + (f"-ranks{ranks}" if ranks != "1" else "")
+            summary, wall = run_recipe(recipe, root / f"{name}-stale{staleness}", learner_ranks=int(ranks))
             rows.append({"layout": layout, "staleness": staleness, **figures(summary, wall)})
     (root / "scale_out.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{args.steps} GRPO steps x 8 prompts x 16 samples from one SFT policy; ratios to the first "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from rollouts.buffer import RolloutGroup
@@ -57,6 +58,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+# How long a rank waits in a collective for the others. `rlpost run` on several ranks: the followers
+# wait in a broadcast while the main rank evaluates between stages, which can take long on a large
+# benchmark (torch's default, 30 min, would end the run there).
+RUN_COLLECTIVE_TIMEOUT = timedelta(hours=6)
+
+
 @dataclass
 class Context:
     """This process's place among the learner processes. `accelerator` is None for a plain
@@ -77,6 +84,16 @@ class Context:
         if cpu is None:
             cpu = not torch.cuda.is_available()
         return cls(Accelerator(cpu=cpu, **accelerator_kwargs))
+
+    @classmethod
+    def for_run(cls, device: str) -> "Context":
+        """The learner processes of `rlpost run` (`rlpost.pipeline`): `from_env` on the recipe's device,
+        with the collective timeout `RUN_COLLECTIVE_TIMEOUT`."""
+        if launched_world_size() <= 1:
+            return cls(None)
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return cls.from_env(cpu=device == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=RUN_COLLECTIVE_TIMEOUT)])
 
     @property
     def world_size(self) -> int:

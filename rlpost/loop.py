@@ -25,6 +25,7 @@ from typing import Any
 
 from rlpost import lora
 from rlpost.checkpoint import RLState, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlpost.distributed import Context
 from rlpost.learners.grpo import GRPOLearner, LearnerSettings
 from rlpost.learners.update import NonFiniteStreak
 from rlpost.report import JsonlLog, MetricsLog
@@ -92,42 +93,30 @@ def start_fleet(worker: WorkerSpec, settings: LoopSettings, run_dir: Path) -> Ro
 
 
 def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, settings: LoopSettings,
-           evaluate=None, progress=None, learner_factory=None) -> dict:
+           evaluate=None, progress=None, learner_factory=None, dist: Context | None = None) -> dict:
     """Train from `policy_dir` (or resume from the newest checkpoint in `run_dir`); return figures.
 
     `evaluate(engine, tag) -> {"accuracy", "low", "high", ...}` (the pipeline's evaluation runner
     on the rollout worker's engine) runs at step 0, every `eval_every` steps and at the end.
-    `learner_factory` (`rlpost.learners.LearnerFactory`) picks the update rule; default GRPO."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    `learner_factory` (`rlpost.learners.LearnerFactory`) picks the update rule; default GRPO.
 
+    `dist` (`rlpost.distributed.Context`) of several processes: this is the main rank; it runs the
+    rollouts and tells the other ranks (`follow_rl`) what to build and, each step, the batch to train
+    on (GRPO only). Only this rank publishes weights, logs and checkpoints."""
+    import torch
+
+    dist = dist or Context()
+    if dist.world_size > 1 and learner_factory is not None:
+        raise ValueError("only the GRPO learner trains on several processes (rlpost.pipeline refuses other stages)")
     torch.set_num_threads(settings.learner_threads)
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir)
-    dtype = getattr(torch, settings.dtype)
-    if settings.lora is not None:  # adapters on the stage's input; a checkpoint holds the adapter alone
-        model = lora.wrap(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device),
-                          settings.lora)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir,
-                                                     dtype=dtype).to(settings.device)
-    def load_reference():  # the stage's starting policy, also after a resume
-        return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device)
-
-    if learner_factory is None:
-        def learner_factory(model, tokenizer, load_reference):
-            reference = load_reference() if settings.learner.beta > 0 else None
-            return GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), worker.group_size,
-                               reference_model=reference)
-    learner = learner_factory(model, tokenizer, load_reference)
-    # latest_checkpoint has just checked every file against the manifest's sha256
-    state = load_checkpoint(ckpt, model, learner.optimizer, verify=False) if ckpt else RLState()
-    if ckpt and (ckpt / EXTRA_STATE).exists():
-        from safetensors.torch import load_file
-
-        learner.load_extra_state(load_file(str(ckpt / EXTRA_STATE)))
-    if ckpt:
-        log.info("resuming from %s (step %d)", ckpt, state.step)
+    if dist.world_size > 1:  # before the learner: wrapping it for DDP is itself a collective
+        dist.broadcast_object(("stage", {"policy_dir": str(policy_dir), "run_dir": str(run_dir),
+                                         "ckpt": None if ckpt is None else str(ckpt), "settings": settings,
+                                         "group_size": worker.group_size}))
+    model, learner, state = start_learner(policy_dir, run_dir, ckpt, tokenizer, settings, worker.group_size,
+                                          learner_factory, dist.accelerator)
     worker.start_batch = worker.start_version = state.step
     worker.start_prompt_index = state.next_prompt_index
 
@@ -170,7 +159,10 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
             if not groups:
                 raise RuntimeError(f"every group of batch {state.step} was beyond max_staleness "
                                    f"{settings.max_staleness}: the rollout dispatch is out of step")
-            scalars = learner.step(groups, fresh=[g.policy_version == state.step for g in groups])
+            fresh = [g.policy_version == state.step for g in groups]
+            if dist.world_size > 1:
+                dist.broadcast_object(("step", groups, fresh))
+            scalars = learner.step(groups, fresh=fresh)
             version = state.step + 1
             directory, write_s = publisher.publish(model, version, form)
             fleet.publish(version, str(directory))
@@ -220,6 +212,71 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
     lora.save_policy(model, tokenizer, run_dir / "policy")
     figures["state"] = vars(state)
     return figures
+
+
+def start_learner(policy_dir: Path, run_dir: Path, ckpt: Path | None, tokenizer, settings: LoopSettings,
+                  group_size: int, learner_factory=None, accelerator=None):
+    """(policy, learner, RLState): the stage's input, or checkpoint `ckpt` (policy, optimiser, state,
+    a learner's extra tensors) when resuming. The same on every rank of a multi-process run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, settings.dtype)
+    if settings.lora is not None:  # adapters on the stage's input; a checkpoint holds the adapter alone
+        model = lora.wrap(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device),
+                          settings.lora)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ckpt / "policy" if ckpt else policy_dir,
+                                                     dtype=dtype).to(settings.device)
+
+    def load_reference():  # the stage's starting policy, also after a resume
+        return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype).to(settings.device)
+
+    if learner_factory is None:
+        def learner_factory(model, tokenizer, load_reference):
+            reference = load_reference() if settings.learner.beta > 0 else None
+            return GRPOLearner(model, tokenizer, settings.learner, str(run_dir / "trl"), group_size,
+                               reference_model=reference, accelerator=accelerator)
+    learner = learner_factory(model, tokenizer, load_reference)
+    # latest_checkpoint has just checked every file against the manifest's sha256
+    state = load_checkpoint(ckpt, model, learner.optimizer, verify=False) if ckpt else RLState()
+    if ckpt and (ckpt / EXTRA_STATE).exists():
+        from safetensors.torch import load_file
+
+        learner.load_extra_state(load_file(str(ckpt / EXTRA_STATE)))
+    if ckpt:
+        log.info("resuming from %s (step %d)", ckpt, state.step)
+    return model, learner, state
+
+
+def follow_rl(dist: Context) -> None:
+    """A rank other than the main one, for the whole run: build the learner the main rank's `run_rl`
+    announces (("stage", job)), train on each batch it broadcasts (("step", groups, fresh)), and
+    leave when it broadcasts None (at the end of the run, or when it stops on an error)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    learner = None
+    while True:
+        message = dist.broadcast_object(None)
+        if message is None:
+            return
+        if message[0] == "stage":
+            job = message[1]
+            learner = None  # the previous stage's policy and optimiser go before the next are built
+            settings = job["settings"]
+            settings.device = str(dist.device)
+            torch.set_num_threads(settings.learner_threads)
+            tokenizer = AutoTokenizer.from_pretrained(job["policy_dir"])
+            _, learner, _ = start_learner(Path(job["policy_dir"]), Path(job["run_dir"]),
+                                          None if job["ckpt"] is None else Path(job["ckpt"]), tokenizer, settings,
+                                          job["group_size"], accelerator=dist.accelerator)
+        elif message[0] == "step":
+            if learner is None:
+                raise RuntimeError("the main rank sent a batch before any stage")
+            learner.step(message[1], fresh=message[2])
+        else:
+            raise RuntimeError(f"unknown message from the main rank: {message[0]!r}")
 
 
 def _eval_scalars(result: dict) -> dict[str, float]:

@@ -9,6 +9,13 @@
 
 Killed at any point, the same command continues: finished stages and evaluations are kept, an RL
 stage resumes from its newest checkpoint. A finished run's command says so and prints its report.
+
+Under `accelerate launch` (several learner ranks, recipes/accelerate/README.md) the main rank runs
+all of this and the others only train: each GRPO stage's learner is data parallel across the ranks
+(`rlpost.loop.follow_rl`), and the evaluations at 'initial' and after each stage run in a process the
+main rank spawns (a vLLM engine does not start inside a rank's own process once its process group is
+up). Stages other than GRPO train on one process only, so a launch on several ranks refuses a recipe
+that still has one to run.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlpost.errors import UserError
-from rlpost.recipe import changed_keys, flat_settings, stage_defaults
+from rlpost.recipe import changed_keys, flat_settings, stage_defaults, where
 
 # may differ between the first run and a resume: where the run lives, and how many rollout workers
 # (on which backend) generate its batches, which changes nothing of what is trained
@@ -29,7 +36,51 @@ _FREE_KEYS = ("run_dir", "rollout.workers", "rollout.backend", "rollout.max_rest
 
 
 def run_recipe(recipe: Any) -> dict:
-    """Run (or continue) every stage of `recipe`; returns the summary."""
+    """Run (or continue) every stage of `recipe`; returns the summary (on the main rank; {} on the others)."""
+    from rlpost.distributed import Context
+
+    dist = Context.for_run(resolve_device(recipe.model.device))
+    if dist.world_size == 1:
+        return _run_stages(recipe, dist)
+    sharded = str(dist.accelerator.distributed_type.value)
+    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # on every rank, before any collective
+        raise UserError(f"rlpost run trains on several learner processes with DDP only (recipes/accelerate/"
+                        f"ddp_cpu.yaml, ddp_gpu.yaml); this launch is {sharded}, whose sharded weights and optimiser "
+                        f"state the main rank cannot publish or checkpoint alone yet")
+    check_stages_for_ranks(recipe, dist.world_size)
+    if not dist.is_main:
+        from rlpost.loop import follow_rl
+
+        follow_rl(dist)
+        return {}
+    try:
+        return _run_stages(recipe, dist)
+    finally:
+        dist.broadcast_object(None)  # the other ranks leave, also when this one stops on an error
+
+
+def check_stages_for_ranks(recipe: Any, world: int) -> None:
+    """Refuse (UserError) a launch on `world` > 1 learner ranks while a stage that cannot train on
+    them is still to run: any stage but grpo, a LoRA grpo stage, or one whose batch does not split
+    evenly over the ranks."""
+    for entry in recipe.stage_entries:
+        if (Path(recipe.run_dir) / entry.name / "stage.json").exists():
+            continue
+        cfg = getattr(recipe, entry.name)
+        if entry.type != "grpo" or cfg.lora is not None:
+            what = f"a {entry.type} stage" if entry.type != "grpo" else "a LoRA grpo stage"
+            raise UserError(f"stage '{entry.name}' is {what}, which trains on one process only; only full-weight "
+                            f"grpo stages train on several learner processes. Run the recipe with one process "
+                            f"(rlpost run, the same recipe and run_dir) until that stage is done, then launch "
+                            f"the rest with accelerate")
+        if cfg.prompts_per_step % (cfg.steps_per_generation * world):
+            raise UserError(f"{where(recipe, f'{entry.name}.prompts_per_step')}: key '{entry.name}.prompts_per_step' "
+                            f"({cfg.prompts_per_step}) must divide by steps_per_generation x learner processes "
+                            f"({cfg.steps_per_generation} x {world}): each process trains on an equal share of "
+                            f"every mini-batch")
+
+
+def _run_stages(recipe: Any, dist: Any) -> dict:
     from rlpost.stages import STAGES, StageContext
     from rlpost.training_data import TrainingData
 
@@ -46,11 +97,12 @@ def run_recipe(recipe: Any) -> dict:
 
     torch.set_num_threads(recipe.model.threads)
     data = TrainingData(recipe.data, recipe.seed)
-    device = resolve_device(recipe.model.device)
+    device = str(dist.device) if dist.world_size > 1 else resolve_device(recipe.model.device)
+    spawn_evaluations = dist.world_size > 1
     policy = initial_policy(recipe, run_dir)
     points = ["initial"]
     records: dict[str, dict] = {}
-    evaluations = {"initial": evaluate_point(recipe, data, policy, run_dir, "initial")}
+    evaluations = {"initial": evaluate_point(recipe, data, policy, run_dir, "initial", spawn_evaluations)}
     for entry in recipe.stage_entries:
         out_dir = run_dir / entry.name
         done = out_dir / "stage.json"
@@ -61,7 +113,7 @@ def run_recipe(recipe: Any) -> dict:
             print(f"stage '{entry.name}' ({entry.type}) from {policy}")
             ctx = StageContext(recipe, entry.name, Path(policy), out_dir, data, device,
                                engine_settings=engine_settings(recipe),
-                               evaluate=in_stage_evaluation(recipe, data, Path(policy)))
+                               evaluate=in_stage_evaluation(recipe, data, Path(policy)), dist=dist)
             start = time.perf_counter()
             record = STAGES[entry.type].run(getattr(recipe, entry.name), ctx)
             record = {"type": entry.type, "wall_s": time.perf_counter() - start, **record}
@@ -69,7 +121,7 @@ def run_recipe(recipe: Any) -> dict:
             records[entry.name] = record
         policy = out_dir / "policy"
         points.append(entry.name)
-        evaluations[entry.name] = evaluate_point(recipe, data, policy, run_dir, entry.name)
+        evaluations[entry.name] = evaluate_point(recipe, data, policy, run_dir, entry.name, spawn_evaluations)
     summary = summarize(recipe, run_dir, records, evaluations, points)
     write_json(run_dir / "summary.json", summary)
     plot(run_dir, summary)
@@ -148,10 +200,23 @@ def _evaluate(recipe: Any, data: Any, spec: Any, policy: Path, engine=None) -> d
             "method": acc.get("method"), "figures": result.figures}
 
 
-def evaluate_point(recipe: Any, data: Any, policy: Path, run_dir: Path, point: str) -> dict:
-    """Every `eval` entry on `policy`, cached in RUN/evals/<point>.json."""
+def evaluate_point(recipe: Any, data: Any, policy: Path, run_dir: Path, point: str, spawn: bool = False) -> dict:
+    """Every `eval` entry on `policy`, cached in RUN/evals/<point>.json; with `spawn`, in a process of
+    its own (the main rank of several, see the module docstring)."""
     path = run_dir / "evals" / f"{point}.json"
     if path.exists():
+        return json.loads(path.read_text())
+    if spawn:
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(
+            target=_evaluate_point_in_child, args=(recipe.source, recipe.overrides, str(policy), str(run_dir), point),
+            name=f"rlpost-eval-{point}")
+        child.start()
+        child.join()
+        if child.exitcode != 0 or not path.exists():
+            raise RuntimeError(f"the evaluation at '{point}' failed in its own process (exit code {child.exitcode}); "
+                               f"its error is printed above")
         return json.loads(path.read_text())
     results = {}
     for spec in recipe.eval:
@@ -160,6 +225,17 @@ def evaluate_point(recipe: Any, data: Any, policy: Path, run_dir: Path, point: s
         print(f"eval {point:>10} {spec.label}: {100 * r['accuracy']:.1f}% [{100 * r['low']:.1f}, {100 * r['high']:.1f}]")
     write_json(path, results)
     return results
+
+
+def _evaluate_point_in_child(source: str, overrides: list[str], policy: str, run_dir: str, point: str) -> None:
+    import torch
+
+    from rlpost.recipe import load_recipe
+    from rlpost.training_data import TrainingData
+
+    recipe = load_recipe(source, overrides)
+    torch.set_num_threads(recipe.model.threads)
+    evaluate_point(recipe, TrainingData(recipe.data, recipe.seed), Path(policy), Path(run_dir), point)
 
 
 def in_stage_evaluation(recipe: Any, data: Any, policy_in: Path):

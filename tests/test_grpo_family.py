@@ -471,7 +471,8 @@ def test_run_grpo_passes_the_keys_to_the_learner(tmp_path, monkeypatch, tokenize
     class Captured(Exception):
         pass
 
-    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None):
+    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None,
+               dist=None):
         raise Captured(settings)
 
     monkeypatch.setattr(rlpost.loop, "run_rl", run_rl)
@@ -480,7 +481,7 @@ def test_run_grpo_passes_the_keys_to_the_learner(tmp_path, monkeypatch, tokenize
                                       "grpo.epsilon_high=0.28", "grpo.importance_sampling_level=sequence"])
     ctx = SimpleNamespace(recipe=recipe, name="grpo", policy_in=tmp_path / "policy", out_dir=tmp_path / "out",
                           data=SimpleNamespace(prompts=lambda: None, format=None), engine_settings=None,
-                          device="cpu", evaluate=None)
+                          device="cpu", evaluate=None, dist=None)
     with pytest.raises(Captured) as info:
         run_grpo(recipe.grpo, ctx)
     learner = info.value.args[0].learner

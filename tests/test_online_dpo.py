@@ -268,7 +268,8 @@ def test_run_online_dpo_hands_the_keys_to_its_learner(tmp_path, monkeypatch, tok
     class Captured(Exception):
         pass
 
-    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None):
+    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None,
+               dist=None):
         raise Captured(worker, settings, learner_factory)
 
     monkeypatch.setattr(rlpost.loop, "run_rl", run_rl)
@@ -278,7 +279,7 @@ def test_run_online_dpo_hands_the_keys_to_its_learner(tmp_path, monkeypatch, tok
                                                  "learning_rate": 3e-4}))
     ctx = SimpleNamespace(recipe=recipe, name="online_dpo", policy_in=tmp_path / "policy", out_dir=tmp_path / "out",
                           data=SimpleNamespace(prompts=lambda: None, format=None), engine_settings=None,
-                          device="cpu", evaluate=None)
+                          device="cpu", evaluate=None, dist=None)
     with pytest.raises(Captured) as info:
         run_online_dpo(recipe.online_dpo, ctx)
     worker, settings, factory = info.value.args

@@ -403,7 +403,8 @@ def test_run_ppo_passes_the_keys_to_the_learner(tmp_path, registered, monkeypatc
     class Captured(Exception):
         pass
 
-    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None):
+    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None,
+               dist=None):
         raise Captured(worker, settings, learner_factory)
 
     monkeypatch.setattr(rlpost.loop, "run_rl", run_rl)
@@ -413,7 +414,7 @@ def test_run_ppo_passes_the_keys_to_the_learner(tmp_path, registered, monkeypatc
                                                   "ppo.vf_lr=1e-3", "ppo.num_generations=1"])
     ctx = SimpleNamespace(recipe=recipe, name="ppo", policy_in=tmp_path / "policy", out_dir=tmp_path / "out",
                           data=SimpleNamespace(prompts=lambda: None, format=None), engine_settings=None,
-                          device="cpu", evaluate=None)
+                          device="cpu", evaluate=None, dist=None)
     with pytest.raises(Captured) as info:
         run_ppo(recipe.ppo, ctx)
     worker, settings, factory = info.value.args

@@ -339,7 +339,8 @@ def test_run_prime_passes_the_keys_to_the_learner(tmp_path, monkeypatch, make_ti
     class Captured(Exception):
         pass
 
-    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None):
+    def run_rl(policy_dir, run_dir, tok, worker, settings, evaluate=None, progress=None, learner_factory=None,
+               dist=None):
         raise Captured(worker, settings, learner_factory)
 
     monkeypatch.setattr(rlpost.loop, "run_rl", run_rl)
@@ -350,7 +351,7 @@ def test_run_prime_passes_the_keys_to_the_learner(tmp_path, monkeypatch, make_ti
         "prime.loss_type=dr_grpo"])
     ctx = SimpleNamespace(recipe=recipe, name="prime", policy_in=tmp_path / "policy", out_dir=tmp_path / "out",
                           data=SimpleNamespace(prompts=lambda: None, format=None), engine_settings=None,
-                          device="cpu", evaluate=None)
+                          device="cpu", evaluate=None, dist=None)
     with pytest.raises(Captured) as info:
         run_prime(recipe.prime, ctx)
     worker, settings, factory = info.value.args

@@ -144,7 +144,8 @@ def test_stage_key_reaches_the_learner(tmp_path, monkeypatch, tokenizer):
     policy = save_pretrained(build_model(tokenizer, ModelShape(32, 1, 2, 1, 64)), tokenizer, tmp_path / "policy")
     seen = {}
 
-    def fake_run_rl(policy_in, out_dir, tok, worker, settings, evaluate, progress=None, learner_factory=None):
+    def fake_run_rl(policy_in, out_dir, tok, worker, settings, evaluate, progress=None, learner_factory=None,
+                    dist=None):
         seen["learner"] = settings.learner
         return {}
 

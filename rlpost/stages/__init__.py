@@ -42,6 +42,7 @@ class StageContext:
     device: str
     engine_settings: Any = None  # rollouts.engine.EngineSettings from the recipe's model section
     evaluate: Callable[..., dict] | None = None  # evaluate(engine, tag): the pipeline's in-stage evaluation
+    dist: Any = None  # rlpost.distributed.Context: the learner ranks (None: one process)
 
 
 @dataclass(frozen=True)

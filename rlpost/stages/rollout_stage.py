@@ -66,5 +66,5 @@ def run_on_rollouts(cfg, ctx, *, learner_factory=None, grpo_settings=None) -> di
         settings.learner = grpo_settings
     with tqdm(total=cfg.max_steps, desc=f"{ctx.name} steps", unit="step") as bar:
         figures = run_rl(ctx.policy_in, ctx.out_dir, tokenizer, worker, settings, ctx.evaluate, progress=bar,
-                         learner_factory=learner_factory)
+                         learner_factory=learner_factory, dist=ctx.dist)
     return rl_stage_figures(ctx.out_dir, figures)
