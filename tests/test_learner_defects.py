@@ -133,6 +133,56 @@ def test_trl_surface_the_learner_relies_on_is_still_there():
     assert 'args.loss_type == "luspo" and args.importance_sampling_level != "sequence"' in init_source
 
 
+@pytest.mark.parametrize("settings", [dict(loss_type="grpo"), dict(loss_type="dapo", beta=BETA),
+                                      dict(loss_type="grpo", importance_sampling_level="sequence")],
+                         ids=["grpo", "dapo+kl", "gspo"])
+def test_one_step_per_batch_takes_pi_old_from_the_loss_forward_with_the_same_update(
+        tmp_path, make_tiny_model, tokenizer, settings):
+    """With one optimiser step per batch the learner skips the separate pi_old forward and fills
+    `old_per_token_logps` and the sampler weights in from TRL's own forward
+    (`GRPOLearner._single_forward_loss`, leaning on the order of TRL's `_compute_loss`): the update,
+    loss and weight statistics equal the two-forward path's (forced here by calling `build_inputs`
+    with pi_old and TRL's loss directly). Sampling logprobs are perturbed so the weights vary and
+    some are capped."""
+    from rlpost.learners.grpo import split_by_groups
+    from rlpost.learners.update import apply_update
+
+    def make():
+        policy = make_tiny_model(1)
+        reference = copy.deepcopy(policy) if settings.get("beta") else None
+        return GRPOLearner(policy, tokenizer, LearnerSettings(learning_rate=1e-2, importance_cap=1.5, **settings),
+                           str(tmp_path / "trl"), 2, reference_model=reference)
+
+    single, double = make(), make()
+    groups = on_policy_groups(single.model, tokenizer)
+    for g in groups:
+        g.sampling_logprobs = [[lp + (0.7 if t % 2 else -0.6) for t, lp in enumerate(row)] for row in g.sampling_logprobs]
+    forwards = []
+    original = type(single.trainer)._get_per_token_logps_and_entropies
+
+    def counting(trainer, *args, **kwargs):
+        forwards.append(trainer is single.trainer)
+        return original(trainer, *args, **kwargs)
+
+    type(single.trainer)._get_per_token_logps_and_entropies = counting
+    try:
+        scalars = single.step(groups)
+    finally:
+        type(single.trainer)._get_per_token_logps_and_entropies = original
+    assert forwards.count(True) == 1 + bool(settings.get("beta"))  # the loss's forward (+ the reference's)
+
+    inputs = double.build_inputs(groups)
+    loss = double.trainer.compute_loss(double.model, split_by_groups(inputs, 2, 1)[0])
+    result = apply_update(double.model, double.optimizer, loss, double.settings.max_grad_norm)
+    assert scalars["train/loss"] == pytest.approx(result.loss, rel=1e-6, abs=1e-7)
+    assert scalars["train/grad_norm"] == pytest.approx(result.grad_norm, rel=1e-6)
+    for (name, a), b in zip(single.model.named_parameters(), double.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-7), name
+    weights = inputs["importance_sampling_ratio"][inputs["completion_mask"].bool()]
+    assert weights.max() == pytest.approx(1.5) and weights.min() < 1  # the weights varied and the cap bound
+    assert scalars["rollout/importance_weight_mean"] == pytest.approx(float(weights.mean()), rel=1e-6)
+
+
 # --- 2. dropout -------------------------------------------------------------------------------------
 
 

@@ -150,8 +150,8 @@ def test_grpo_infinite_advantage_is_skipped(grpo, tokenizer, monkeypatch):
     before = snapshot(learner)
     original = learner.build_inputs
 
-    def poisoned(batch):
-        inputs = original(batch)
+    def poisoned(batch, **kwargs):
+        inputs = original(batch, **kwargs)
         inputs["advantages"] = inputs["advantages"].clone()
         inputs["advantages"][0] = float("inf")
         return inputs

@@ -437,10 +437,12 @@ class GRPOLearner:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def build_inputs(self, groups: list[RolloutGroup]) -> dict[str, torch.Tensor]:
+    def build_inputs(self, groups: list[RolloutGroup], pi_old: bool = True) -> dict[str, torch.Tensor]:
         """The tensors TRL's `compute_loss` expects, from scored rollout groups, with the current weights:
         `old_per_token_logps` is pi_old (and the base of the sampler weights) for every optimiser
         step `step` takes on this batch, so call it once per batch, before the first update.
+        `pi_old` False: leave out `old_per_token_logps` and `importance_sampling_ratio` (and the
+        forward pass they cost) for `_single_forward_loss` to fill in from the loss's own forward.
 
         Besides TRL's keys: `reward_valid` (B,) marks samples that have a reward, `trainable` (B,)
         the rows that reach the loss (valid, in a group with >= 2 valid samples); `completion_mask`
@@ -463,7 +465,6 @@ class GRPOLearner:
         prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logps, advantages, valid, trainable = (
             t.to(device) for t in (prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logps,
                                    advantages, valid, trainable))
-        learner_logps = self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         mask = completion_mask.float()
         inputs = {
             "prompt_ids": prompt_ids,
@@ -471,19 +472,48 @@ class GRPOLearner:
             "completion_ids": completion_ids,
             "completion_mask": completion_mask,
             "advantages": advantages,
-            "old_per_token_logps": learner_logps,
             "sampling_per_token_logps": sampling_logps,
-            "importance_sampling_ratio": truncated_importance_weights(
-                learner_logps, sampling_logps, mask, self.settings.importance_cap
-            ),
             "num_items_in_batch": mask.sum(),
             "reward_valid": valid,
             "trainable": trainable,
         }
+        if pi_old:
+            self._set_pi_old(inputs, self._logps(self.model, prompt_ids, prompt_mask, completion_ids, completion_mask))
         if self.reference_model is not None:
             inputs["ref_per_token_logps"] = self._logps(
                 self.reference_model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         return inputs
+
+    def _set_pi_old(self, inputs: dict, learner_logps: torch.Tensor) -> None:
+        inputs["old_per_token_logps"] = learner_logps
+        inputs["importance_sampling_ratio"] = truncated_importance_weights(
+            learner_logps, inputs["sampling_per_token_logps"], inputs["completion_mask"].float(),
+            self.settings.importance_cap)
+
+    def _single_forward_loss(self, batch: dict) -> torch.Tensor:
+        """TRL's loss on `batch` (built with `pi_old=False`) in one forward pass, for a batch that gets
+        exactly one optimiser step (num_iterations = steps_per_generation = 1): then pi_old is the
+        current policy, so its logprobs are the loss's own, detached, and the sampler weights
+        w = min(exp(log pi_old - log pi_sampler), cap) are computed from them inside that forward,
+        instead of in a separate no-grad forward beforehand (the same values, one forward fewer).
+
+        Leans on TRL 1.16's `_compute_loss`: it calls `_get_per_token_logps_and_entropies` once,
+        then reads `old_per_token_logps` and `importance_sampling_ratio` from its inputs; the
+        wrapper below fills them in between (pinned by tests/test_learner_defects.py, which
+        compares this path with the two-forward one)."""
+        trainer = self.trainer
+        forward = type(trainer)._get_per_token_logps_and_entropies.__get__(trainer)
+
+        def forward_then_pi_old(*args, **kwargs):
+            logps, entropies, aux = forward(*args, **kwargs)
+            self._set_pi_old(batch, logps.detach())
+            return logps, entropies, aux
+
+        trainer._get_per_token_logps_and_entropies = forward_then_pi_old
+        try:
+            return trainer.compute_loss(self._train_model, batch)
+        finally:
+            del trainer._get_per_token_logps_and_entropies
 
     @torch.no_grad()
     def logprob_mismatch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -542,7 +572,10 @@ class GRPOLearner:
             rank = self.accelerator.process_index
             fresh = shard_groups(fresh, rank, world, parts)
             groups = shard_groups(groups, rank, world, parts)
-        inputs = self.build_inputs(groups)  # pi_old, advantages, sampler weights: fixed for the whole batch
+        # pi_old, advantages, sampler weights: fixed for the whole batch; with one optimiser step per
+        # batch pi_old comes from the loss's own forward (`_single_forward_loss`)
+        single_forward = self.settings.num_iterations == 1 and parts == 1
+        inputs = self.build_inputs(groups, pi_old=not single_forward)
         if world > 1:  # TRL's "dapo"/"cispo" normaliser: the whole batch's tokens (it divides by the world size)
             inputs["num_items_in_batch"] = torch.tensor(float(sum(global_tokens)), device=inputs["advantages"].device)
         minibatches = split_by_groups(inputs, size, parts)
@@ -556,13 +589,20 @@ class GRPOLearner:
             for k, batch in enumerate(minibatches):
                 if not global_tokens[k]:
                     continue  # nothing to train on (on any rank): no step, optimiser moments untouched
-                loss = self.trainer.compute_loss(self._train_model, batch)
+                loss = (self._single_forward_loss(batch) if single_forward
+                        else self.trainer.compute_loss(self._train_model, batch))
                 if world > 1 and self.settings.loss_type == "bnpo":
                     # TRL's "bnpo" divides by this rank's tokens; DDP's average over ranks of
                     # loss_r * tokens_r * world / tokens equals the whole mini-batch's token mean
                     loss = loss * (float(batch["completion_mask"].sum()) * world / global_tokens[k])
                 results.append(apply_update(self._train_model, self.optimizer, loss, self.settings.max_grad_norm,
                                             self.accelerator))
+        if single_forward:
+            if "old_per_token_logps" in minibatches[0]:  # filled in by the loss's forward
+                self._set_pi_old(inputs, minibatches[0]["old_per_token_logps"])
+            else:  # no update was taken: the metrics below still want pi_old
+                self._set_pi_old(inputs, self._logps(self.model, inputs["prompt_ids"], inputs["prompt_mask"],
+                                                     inputs["completion_ids"], inputs["completion_mask"]))
         applied = [r for r in results if r.applied]
         metrics.update({f"train/{k}": _mean_finite(v) for k, v in self.trainer._metrics["train"].items() if v})
         diff = (inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).abs()

@@ -238,11 +238,11 @@ class PrimeLearner(GRPOLearner):
 
     # ------------------------------------------------------------------------- GRPO's hooks
 
-    def build_inputs(self, groups: list[RolloutGroup]) -> dict[str, torch.Tensor]:
+    def build_inputs(self, groups: list[RolloutGroup], pi_old: bool = True) -> dict[str, torch.Tensor]:
         """`GRPOLearner.build_inputs` with `advantages` replaced by PRIME's (B, T) ones from the PRM's
         current weights; also `process_rewards` (B, T), `outcome_advantages` (B,) and
         `process_advantages` (B, T) (c x the process return)."""
-        inputs = super().build_inputs(groups)
+        inputs = super().build_inputs(groups, pi_old)
         size = groups[0].size
         prompts, completions, _, outcome, valid = flatten_groups(groups)
         device = inputs["completion_ids"].device
