@@ -193,6 +193,8 @@ def run_rl(policy_dir: Path, run_dir: Path, tokenizer, worker: WorkerSpec, setti
                     worker.max_tokens)
                 if evaluate is not None and version % settings.eval_every == 0:
                     scalars.update(_eval_scalars(evaluate(FleetEngine(fleet, f"step-{version}"), f"step-{version}")))
+                last_step_end = time.perf_counter()  # the next step's wall leaves this check out
+                scalars["loop/eval_s"] = last_step_end - now
             metrics.log(version, scalars)
             streak.update(version, scalars)  # skipped updates changed nothing; stop after several in a row
             if progress is not None:

@@ -58,6 +58,9 @@ class ModelSection:
     max_model_len: int | None = setting(None, "vLLM context length (default: the model's positions, at most 4096)")
     gpu_memory_utilization: float = setting(0.3, "fraction of GPU memory vLLM may take (CUDA only)")
     threads: int = setting(1, "torch CPU threads of the learner and of the rollout worker, each")
+    learner_threads: int | None = setting(None, "torch CPU threads of the learner (RL stages) if not `threads`: "
+                                                "e.g. 2 on 2 cores lets the learner take the core the rollout "
+                                                "worker leaves idle (docs/benchmarks.md, async step time)")
 
 
 @dataclass
@@ -286,6 +289,9 @@ def check_relations(recipe: Any) -> None:
                         f"got {recipe.ray.cpus_per_worker}")
     if m.threads < 1:
         raise UserError(f"{where(recipe, 'model.threads')}: key 'model.threads' must be >= 1, got {m.threads}")
+    if m.learner_threads is not None and m.learner_threads < 1:
+        raise UserError(f"{where(recipe, 'model.learner_threads')}: key 'model.learner_threads' must be >= 1 "
+                        f"(or null: model.threads), got {m.learner_threads}")
     if not 0 < m.gpu_memory_utilization <= 1:
         raise UserError(f"{where(recipe, 'model.gpu_memory_utilization')}: key 'model.gpu_memory_utilization' must be in (0, 1], got {m.gpu_memory_utilization}")
     if recipe.data.source != "task" and m.build is not None:

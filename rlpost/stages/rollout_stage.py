@@ -57,7 +57,7 @@ def run_on_rollouts(cfg, ctx, *, learner_factory=None, grpo_settings=None) -> di
                         reward_workers=cfg.reward_workers, torch_threads=m.threads, engine=ctx.engine_settings)
     settings = LoopSettings(max_steps=cfg.max_steps, groups_per_step=cfg.prompts_per_step,
                             max_staleness=cfg.max_staleness, checkpoint_every=cfg.save_steps,
-                            eval_every=cfg.eval_steps, learner_threads=m.threads, device=ctx.device, dtype=m.dtype,
+                            eval_every=cfg.eval_steps, learner_threads=m.learner_threads or m.threads, device=ctx.device, dtype=m.dtype,
                             lora=getattr(cfg, "lora", None), workers=ctx.recipe.rollout.workers,
                             backend=ctx.recipe.rollout.backend, max_restarts=ctx.recipe.rollout.max_restarts,
                             weight_transport=ctx.recipe.rollout.weight_transport, ray_address=ctx.recipe.ray.address,
