@@ -300,12 +300,13 @@ def plot(run_dir: Path, summary: dict) -> Path | None:
         stage_file = run_dir / name / "stage.json"
         history = json.loads(stage_file.read_text()).get("history") if stage_file.exists() else None
         if (run_dir / name / "metrics.jsonl").exists():  # an RL stage
-            curves.append((name, JsonlLog(run_dir / name / "metrics.jsonl").rows()))
+            curves.append((name, "rl", JsonlLog(run_dir / name / "metrics.jsonl").rows()))
         elif record.get("type") == "sft" and history:  # [epoch, validation accuracy] pairs
-            curves.append((name, [{"epoch": e, "val/accuracy": a} for e, a in history]))
+            curves.append((name, "sft", [{"epoch": e, "val/accuracy": a} for e, a in history]))
         elif record.get("type") == "dpo" and history:  # TRL's logged windows
-            curves.append((name, [{"step": h["step"], "train/loss": h["loss"], "dpo/accuracy": h.get("rewards/accuracies")}
-                                  for h in history if h.get("loss") is not None]))
+            curves.append((name, "dpo", [{"step": h["step"], "train/loss": h["loss"],
+                                          "dpo/accuracy": h.get("rewards/accuracies")}
+                                         for h in history if h.get("loss") is not None]))
     fig, axes = plt.subplots(1, 1 + len(curves), figsize=(5 * (1 + len(curves)), 3.6), squeeze=False)
     ax = axes[0][0]
     for label, t in summary["evaluations"].items():
@@ -318,14 +319,14 @@ def plot(run_dir: Path, summary: dict) -> Path | None:
     ax.set_ylabel("accuracy % (95% interval)")
     ax.set_title("after each stage")
     ax.legend()
-    for ax, (name, rows) in zip(axes[0][1:], curves):
-        if rows and "epoch" in rows[0]:  # an SFT stage: validation accuracy per epoch
+    for ax, (name, kind, rows) in zip(axes[0][1:], curves):
+        if kind == "sft":  # validation accuracy per epoch
             ax.plot([r["epoch"] for r in rows], [r["val/accuracy"] for r in rows], marker="o", label="validation accuracy")
             ax.set_xlabel("epoch")
             ax.set_title(f"stage {name}")
             ax.legend()
             continue
-        if rows and "train/loss" in rows[0]:  # a DPO stage: loss and pairwise accuracy on its batches
+        if kind == "dpo":  # loss and pairwise accuracy on its batches
             ax.plot([r["step"] for r in rows], [r["train/loss"] for r in rows], label="DPO loss")
             ax.plot([r["step"] for r in rows], [r["dpo/accuracy"] for r in rows], label="batch pair accuracy")
             ax.set_xlabel("step")

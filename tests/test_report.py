@@ -182,7 +182,7 @@ def test_format_report_shows_every_point_gain_and_stage(tmp_path):
 
 
 def test_plot_draws_every_kind_of_stage(tmp_path):
-    """summary stages of every kind (an SFT validation curve, DPO's logged windows) plot without error."""
+    """summary stages of every kind (an SFT validation curve, DPO's logged windows, RL metrics) plot without error."""
     import json as _json
 
     from rlpost.pipeline import plot
@@ -193,7 +193,11 @@ def test_plot_draws_every_kind_of_stage(tmp_path):
     (tmp_path / "dpo" / "stage.json").write_text(_json.dumps(
         {"type": "dpo", "history": [{"step": 10, "loss": 0.69, "rewards/accuracies": 0.5},
                                     {"step": 20, "loss": 0.6, "rewards/accuracies": 0.8}]}))
+    # an RL stage run without evaluations: its first metrics row is step 1, with a train/loss like DPO's
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "metrics.jsonl").write_text("".join(
+        _json.dumps({"step": k, "train/loss": 0.1, "train/reward_mean": 0.5}) + "\n" for k in (1, 2)))
     point = {"accuracy": 0.3, "low": 0.2, "high": 0.4, "n": 10}
-    summary = {"stages": {"sft": {"type": "sft"}, "dpo": {"type": "dpo"}},
-               "evaluations": {"held_out": {"points": {"initial": point, "sft": point, "dpo": point}}}}
+    summary = {"stages": {"sft": {"type": "sft"}, "dpo": {"type": "dpo"}, "grpo": {"type": "grpo"}},
+               "evaluations": {"held_out": {"points": {"initial": point, "sft": point, "dpo": point, "grpo": point}}}}
     assert plot(tmp_path, summary).stat().st_size > 0
