@@ -265,6 +265,46 @@ def _has_reward(reward) -> bool:
         return False
 
 
+def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                        compute_entropy: bool = False):
+    """Per-token logprobs (and entropies) of the last `logits_to_keep` tokens of each row, as TRL's
+    `_get_per_token_logps_and_entropies` computes them, but with each run of identical prompt rows
+    (a rollout group's samples share their prompt) run through the decoder once; None when no two
+    consecutive rows share a prompt (nothing to save), or the prompt is a single token.
+
+    With prompt p (length L, left-padded) and completion c (length T) of row i:
+
+        prefix:  decoder(p[:L-1]) once per distinct prompt, keeping its keys and values (the cache);
+                 the cache's rows are then repeated for every row of the run (`batch_select_indices`);
+        rest:    the model's fused head (TRL's `add_fused_lm_head`) on [p[L-1], c] attending to
+                 that cache, labels [-100, c]: log_probs[t] = log pi(c_t | p, c_<t), t = 0..T-1.
+
+    Positions continue from the cache (the same positions as one forward of [p, c]), so the values
+    are the full forward's up to float reassociation; gradients reach the prefix through the cache
+    (repeating rows sums their gradients). Work: sum over runs of L-1 prefix tokens + B (T + 1),
+    against B (L + T) - for G groups of 16 samples with L = 7, T = 5: 56 + 768 against 1,536 tokens."""
+    completion_start = input_ids.size(1) - logits_to_keep
+    if completion_start < 2 or input_ids.size(0) < 2:
+        return None
+    prompts, prompt_mask = input_ids[:, :completion_start], attention_mask[:, :completion_start]
+    new_run = torch.ones(prompts.size(0), dtype=torch.bool, device=prompts.device)
+    new_run[1:] = ((prompts[1:] != prompts[:-1]) | (prompt_mask[1:] != prompt_mask[:-1])).any(dim=1)
+    if bool(new_run.all()):
+        return None
+    run_of_row = torch.cumsum(new_run.long(), dim=0) - 1
+    firsts = new_run.nonzero().squeeze(1)
+    decoder = model.get_decoder()  # the transformer without its head (LoRA layers, if any, are inside it)
+    prefix = decoder(input_ids=prompts[firsts, :-1], attention_mask=prompt_mask[firsts, :-1], use_cache=True)
+    cache = prefix.past_key_values
+    cache.batch_select_indices(run_of_row)
+    rest = input_ids[:, completion_start - 1:]
+    labels = rest.masked_fill(attention_mask[:, completion_start - 1:] == 0, -100)
+    labels[:, 0] = -100
+    out = model(input_ids=rest, attention_mask=attention_mask, past_key_values=cache, labels=labels,
+                fused_lm_head=True)
+    return out.log_probs[:, -logits_to_keep:], out.entropy[:, -logits_to_keep:] if compute_entropy else None
+
+
 def trainable_token_counts(groups: list[RolloutGroup]) -> list[int]:
     """Per group: the completion tokens that reach the loss (`build_inputs`' completion mask): those of
     its valid samples when it has >= 2 of them, else 0."""
@@ -388,6 +428,9 @@ class GRPOLearner:
         self.trainer.use_vllm = True
         self.trainer.vllm_importance_sampling_correction = True
         self.trainer.current_gradient_accumulation_steps = 1
+        # every forward of the policy (and the reference) goes through `_per_token_logps`
+        self._pi_old_target = None
+        self.trainer._get_per_token_logps_and_entropies = self._per_token_logps
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             (p for p in model.parameters() if p.requires_grad), lr=settings.learning_rate, weight_decay=0.0
@@ -490,30 +533,44 @@ class GRPOLearner:
             learner_logps, inputs["sampling_per_token_logps"], inputs["completion_mask"].float(),
             self.settings.importance_cap)
 
+    def _per_token_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                         compute_entropy=False, compute_aux_loss=False, **extra):
+        """TRL's `_get_per_token_logps_and_entropies`, with the prompts a group shares computed once
+        (`shared_prefix_logps`) when the forward is this process's own (not through a DDP wrapper,
+        whose gradient hooks need its own forward) and carries nothing multimodal. Then, inside
+        `_single_forward_loss`, pi_old and the sampler weights are set from the result."""
+        shared = None
+        wrapped = model is self._train_model and model is not self.model
+        if not wrapped and not compute_aux_loss and batch_size is None and all(v is None for v in extra.values()):
+            shared = shared_prefix_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy)
+        if shared is not None:
+            logps, entropies = shared
+            aux = None
+        else:
+            logps, entropies, aux = type(self.trainer)._get_per_token_logps_and_entropies(
+                self.trainer, model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        if self._pi_old_target is not None:
+            self._set_pi_old(self._pi_old_target, logps.detach())
+            self._pi_old_target = None
+        return logps, entropies, aux
+
     def _single_forward_loss(self, batch: dict) -> torch.Tensor:
         """TRL's loss on `batch` (built with `pi_old=False`) in one forward pass, for a batch that gets
         exactly one optimiser step (num_iterations = steps_per_generation = 1): then pi_old is the
         current policy, so its logprobs are the loss's own, detached, and the sampler weights
-        w = min(exp(log pi_old - log pi_sampler), cap) are computed from them inside that forward,
-        instead of in a separate no-grad forward beforehand (the same values, one forward fewer).
+        w = min(exp(log pi_old - log pi_sampler), cap) are computed from them inside that forward
+        (`_per_token_logps`), instead of in a separate no-grad forward beforehand (the same values,
+        one forward fewer).
 
         Leans on TRL 1.16's `_compute_loss`: it calls `_get_per_token_logps_and_entropies` once,
-        then reads `old_per_token_logps` and `importance_sampling_ratio` from its inputs; the
-        wrapper below fills them in between (pinned by tests/test_learner_defects.py, which
-        compares this path with the two-forward one)."""
-        trainer = self.trainer
-        forward = type(trainer)._get_per_token_logps_and_entropies.__get__(trainer)
-
-        def forward_then_pi_old(*args, **kwargs):
-            logps, entropies, aux = forward(*args, **kwargs)
-            self._set_pi_old(batch, logps.detach())
-            return logps, entropies, aux
-
-        trainer._get_per_token_logps_and_entropies = forward_then_pi_old
+        then reads `old_per_token_logps` and `importance_sampling_ratio` from its inputs (pinned by
+        tests/test_learner_defects.py, which compares this path with the two-forward one)."""
+        self._pi_old_target = batch
         try:
-            return trainer.compute_loss(self._train_model, batch)
+            return self.trainer.compute_loss(self._train_model, batch)
         finally:
-            del trainer._get_per_token_logps_and_entropies
+            self._pi_old_target = None
 
     @torch.no_grad()
     def logprob_mismatch(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
