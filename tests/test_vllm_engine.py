@@ -77,3 +77,27 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos(engine_and_models):
     for o in outputs:
         assert o[0].finish_reason in {"stop", "length"}
         assert tok.eos_token_id not in o[0].token_ids[:-1]
+
+
+def test_a_reload_empties_the_prefix_cache(tmp_path):
+    """Prefix caching is on (a group's samples share the prompt's full KV blocks, 128 tokens on CPU):
+    a prompt longer than a block, generated before a reload, must not be served from blocks computed
+    with the old weights afterwards."""
+    from rollouts.engine import EngineSettings, RolloutEngine
+
+    tok = build_tokenizer()
+    shape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                       max_positions=256)
+    first, second = build_model(tok, shape, seed=1), build_model(tok, shape, seed=2)
+    engine = RolloutEngine(save_pretrained(first, tok, tmp_path / "policy"), EngineSettings(max_model_len=256))
+    publisher = WeightPublisher("test-prefix")
+    try:
+        prompts = [tok("1234567890+" * 13 + "5=", add_special_tokens=False)["input_ids"]]
+        assert len(prompts[0]) > 128
+        assert max_mismatch(first, prompts, engine.generate(prompts, n=2, max_tokens=4, seed=0)) <= 1e-3
+        directory, _ = publisher.publish(second, version=1)
+        engine.reload_weights(directory)
+        assert max_mismatch(second, prompts, engine.generate(prompts, n=2, max_tokens=4, seed=0)) <= 1e-3
+    finally:
+        publisher.close()
+        engine.close()
