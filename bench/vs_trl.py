@@ -18,13 +18,15 @@ evaluates in the loop (`loop/step_wall_s` leaves that time out; it is `loop/eval
 saved every `--eval-every` steps (save time taken out) and evaluated after its run. Printed per
 side: steps/s and samples/s over the training time, the training seconds to the first evaluation
 at or above `--target`, the one-off start-up (rlpost: vLLM engines; TRL: trainer construction),
-and rlpost's ratio to TRL for each. Figures go in docs/benchmarks.md with the command.
+and rlpost's ratio to TRL for each. rlpost runs first (in its own processes), then each TRL run in
+a spawned process that exits before the next starts. Figures go in docs/benchmarks.md with the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -157,8 +159,21 @@ def main() -> None:
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     policy = sft_policy(root, args.sft)
-    sides = [trl_side(policy, root, args.steps, args.eval_every, g, args.threads) for g in args.trl_generation]
-    sides += [rlpost_side(policy, root, args.steps, args.eval_every, s) for s in args.staleness]
+    # rlpost first (its own processes), then each TRL run in a spawned process of its own (training,
+    # then evaluating its checkpoints), so that nothing of one side is left running beside the other
+    sides = [rlpost_side(policy, root, args.steps, args.eval_every, s) for s in args.staleness]
+    for generation in args.trl_generation:
+        child = multiprocessing.get_context("spawn").Process(
+            target=trl_side, args=(policy, root, args.steps, args.eval_every, generation, args.threads))
+        child.start()
+        child.join()
+        if child.exitcode != 0:  # recorded, not fatal: the other sides still compare
+            print(f"the TRL run with {generation} generation failed (exit code {child.exitcode}; error above)")
+            continue
+        sides.append(json.loads((root / f"trl-{generation}" / "trl.json").read_text()))
+    sides = sides[len(args.staleness):] + sides[:len(args.staleness)]  # TRL first in the table: the peer
+    if len(sides) == len(args.staleness):
+        raise SystemExit("no TRL run finished: nothing to compare with")
     (root / "vs_trl.json").write_text(json.dumps(sides, indent=1))
     peer = sides[0]
     print(f"\n{args.steps} GRPO steps x {PROMPTS} prompts x {SAMPLES} samples from {policy}; {os.cpu_count()} cores; "
