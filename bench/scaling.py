@@ -1,13 +1,13 @@
 """How cost grows with model size and completion length: generation, learner, weight sync, memory.
 
-    .venv/bin/python -m bench.scaling [--sizes 2M 20M 100M 300M] [--lengths 8 128 512] [--prompts 8]
+    .venv/bin/python -m bench.scaling [--sizes 2M 20M 100M 300M] [--lengths 8 128 512] [--prompts 16]
                                       [--device cpu|cuda] [--out runs/scaling]
 
 For the built-in model (char tokenizer, Qwen2 decoder) at about 2M, 20M, 100M and 300M parameters
 (`SIZES`, randomly initialised, float32) and completions of exactly L tokens (`min_tokens` = L, EOS
 ignored, so every length is really generated), each measured in a process of its own:
 
-- generation tokens/s: `--prompts` prompts of 16 tokens x 1 sample each, sampled at temperature 1,
+- generation tokens/s: `--prompts` (16) prompts of 16 tokens x 1 sample each, sampled at temperature 1,
   by vLLM (`rollouts.engine.RolloutEngine`) and by transformers `generate` (KV cache, same batch);
   one warm-up call first, then the timed call;
 - learner tokens/s: one GRPO update (rlpost's learner: TRL's loss, backward, AdamW) on 2 groups of
@@ -205,7 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(CPU_SIZES), choices=list(SIZES))
     parser.add_argument("--lengths", nargs="+", type=int, default=[8, 128, 512])
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each measuring process")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("runs/scaling"))
