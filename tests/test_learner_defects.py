@@ -107,6 +107,8 @@ def test_trl_surface_the_learner_relies_on_is_still_there():
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model  # noqa: F401
 
     assert callable(GRPOTrainer._get_per_token_logps_and_entropies)
+    # the learner's forward (GRPOLearner._per_token_logps) replaces this method on the trainer instance
+    assert "self._get_per_token_logps_and_entropies(" in inspect.getsource(GRPOTrainer._compute_loss)
     loss_source = inspect.getsource(GRPOTrainer._compute_loss)
     assert "self.beta" in loss_source, "TRL's loss no longer reads trainer.beta (the learner sets it after init)"
     assert 'inputs["ref_per_token_logps"]' in loss_source

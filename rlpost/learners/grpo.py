@@ -15,6 +15,11 @@ once in `build_inputs` with the weights theta_0 held *before* the batch's first 
               (`advantages.truncated_importance_weights`; pi_sampler: vLLM's sampling logprobs)
     pi_ref logprobs (beta > 0) and `num_items_in_batch` (tokens of the whole batch)
 
+(With mu = S = 1, the default, the batch gets one optimiser step with theta = theta_0, so pi_old
+is taken from the loss's own forward, detached, rather than from a separate forward: the same
+values, one forward fewer. Every forward runs a group's shared prompt through the decoder once,
+`shared_prefix_logps`.)
+
 Then for each of the mu passes, for each of the S mini-batches (G/S whole groups each, in batch
 order, the same split every pass), one optimiser step on TRL's loss with the current weights theta:
 
@@ -282,7 +287,7 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     Positions continue from the cache (the same positions as one forward of [p, c]), so the values
     are the full forward's up to float reassociation; gradients reach the prefix through the cache
     (repeating rows sums their gradients). Work: sum over runs of L-1 prefix tokens + B (T + 1),
-    against B (L + T) - for G groups of 16 samples with L = 7, T = 5: 56 + 768 against 1,536 tokens."""
+    against B (L + T) - for 8 groups of 16 samples with L = 7, T = 5: 48 + 768 against 1,536 tokens."""
     completion_start = input_ids.size(1) - logits_to_keep
     if completion_start < 2 or input_ids.size(0) < 2:
         return None
