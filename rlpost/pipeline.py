@@ -37,11 +37,11 @@ _FREE_KEYS = ("run_dir", "rollout.workers", "rollout.backend", "rollout.max_rest
 
 def run_recipe(recipe: Any) -> dict:
     """Run (or continue) every stage of `recipe`; returns the summary (on the main rank; {} on the others)."""
-    from rlpost.distributed import Context
+    from rlpost.distributed import Context, launched_world_size
 
+    if launched_world_size() == 1:
+        return _run_stages(recipe, Context())
     dist = Context.for_run(resolve_device(recipe.model.device))
-    if dist.world_size == 1:
-        return _run_stages(recipe, dist)
     sharded = str(dist.accelerator.distributed_type.value)
     if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # on every rank, before any collective
         raise UserError(f"rlpost run trains on several learner processes with DDP only (recipes/accelerate/"
