@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.spine_helpers import QUICKSTART, REPO, TINY, copy_sft
-
-DDP_CPU = REPO / "recipes" / "accelerate" / "ddp_cpu.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_distributed_learner import DDP_CPU, _free_port
 
 
 def _launch(run_dir: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
