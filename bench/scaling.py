@@ -93,7 +93,9 @@ def vllm_generation(model_dir: str, length: int, prompts: int, device: str) -> d
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = [t.detach() for t in model.state_dict().values()]
     size = sum(t.numel() * t.element_size() for t in state)
-    memcpy = statistics.median(_timed(lambda: [t.clone() for t in state]) for _ in range(3))
+    from bench.sync_cost import median_of
+
+    memcpy = median_of(3, lambda: [t.clone() for t in state])
     publisher = WeightPublisher("scaling")
     try:
         writes, loads = [], []
@@ -151,12 +153,6 @@ def learner_update(model_dir: str, length: int, prompts: int, device: str) -> di
         scalars = learner.step(groups)
     return {"learner_tokens_per_s": scalars["train/completion_tokens"] / scalars["train/step_s"],
             "learner_step_s": scalars["train/step_s"], "learner_peak_rss_mb": peak_rss_mb()}
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _child(target, args, queue):
