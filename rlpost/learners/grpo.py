@@ -164,23 +164,23 @@ def _unused_reward(prompts, completions, **kwargs):  # rewards are computed by t
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
+    lengths = torch.tensor([len(row) for row in rows])
+    width = int(lengths.max())
+    mask = torch.arange(width)[None, :] >= width - lengths[:, None]
+    return _fill(rows, mask, pad, torch.long)
 
 
 def _right_pad(rows: list[list], pad, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(map(len, rows)))
-    values = torch.full((len(rows), width), pad, dtype=dtype)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        values[i, : len(row)] = torch.tensor(row, dtype=dtype)
-        mask[i, : len(row)] = 1
-    return values, mask
+    lengths = torch.tensor([len(row) for row in rows])
+    mask = torch.arange(max(1, int(lengths.max())))[None, :] < lengths[:, None]
+    return _fill(rows, mask, pad, dtype)
+
+
+def _fill(rows: list[list], mask: torch.Tensor, pad, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, mask as long): the rows' values, in order, at the True positions of `mask` (row-major)."""
+    values = torch.full(mask.shape, pad, dtype=dtype)
+    values[mask] = torch.tensor([v for row in rows for v in row], dtype=dtype)
+    return values, mask.long()
 
 
 _DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop", "drop_path")
@@ -281,13 +281,15 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
         prefix:  decoder(p[:L-1]) once per distinct prompt, keeping its keys and values (the cache);
                  the cache's rows are then repeated for every row of the run (`batch_select_indices`);
-        rest:    the model's fused head (TRL's `add_fused_lm_head`) on [p[L-1], c] attending to
-                 that cache, labels [-100, c]: log_probs[t] = log pi(c_t | p, c_<t), t = 0..T-1.
+        rest:    the model's fused head (TRL's `add_fused_lm_head`) on [p[L-1], c_<T-1] attending to
+                 that cache, with `shift_labels` c: log_probs[t] = log pi(c_t | p, c_<t), t = 0..T-1.
+                 The last completion token predicts nothing, so it never enters the decoder (TRL's
+                 full forward computes its hidden state and drops its logits).
 
     Positions continue from the cache (the same positions as one forward of [p, c]), so the values
     are the full forward's up to float reassociation; gradients reach the prefix through the cache
-    (repeating rows sums their gradients). Work: sum over runs of L-1 prefix tokens + B (T + 1),
-    against B (L + T) - for 8 groups of 16 samples with L = 7, T = 5: 48 + 768 against 1,536 tokens."""
+    (repeating rows sums their gradients). Work: sum over runs of L-1 prefix tokens + B T, against
+    B (L + T) - for 8 groups of 16 samples with L = 7, T = 5: 48 + 640 against 1,536 tokens."""
     completion_start = input_ids.size(1) - logits_to_keep
     if completion_start < 2 or input_ids.size(0) < 2:
         return None
@@ -302,12 +304,11 @@ def shared_prefix_logps(model, input_ids: torch.Tensor, attention_mask: torch.Te
     prefix = decoder(input_ids=prompts[firsts, :-1], attention_mask=prompt_mask[firsts, :-1], use_cache=True)
     cache = prefix.past_key_values
     cache.batch_select_indices(run_of_row)
-    rest = input_ids[:, completion_start - 1:]
-    labels = rest.masked_fill(attention_mask[:, completion_start - 1:] == 0, -100)
-    labels[:, 0] = -100
-    out = model(input_ids=rest, attention_mask=attention_mask, past_key_values=cache, labels=labels,
+    rest = input_ids[:, completion_start - 1:-1]
+    labels = input_ids[:, completion_start:].masked_fill(attention_mask[:, completion_start:] == 0, -100)
+    out = model(input_ids=rest, attention_mask=attention_mask[:, :-1], past_key_values=cache, shift_labels=labels,
                 fused_lm_head=True)
-    return out.log_probs[:, -logits_to_keep:], out.entropy[:, -logits_to_keep:] if compute_entropy else None
+    return out.log_probs, out.entropy if compute_entropy else None
 
 
 def trainable_token_counts(groups: list[RolloutGroup]) -> list[int]:
