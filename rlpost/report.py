@@ -41,9 +41,14 @@ class MetricsLog:
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
         clean = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(float(v))}
-        for key, value in clean.items():
-            self.writer.add_scalar(key, value, step)
+        # One event for the step's scalars, not one per scalar (`add_scalar`): each event costs a
+        # handover to the writer thread and a pure-Python CRC, 6 ms a step for 60 scalars here.
+        # `_get_file_writer` is the writer's own accessor (private; tests/test_report.py reads the events back).
+        summary = Summary(value=[Summary.Value(tag=key, simple_value=value) for key, value in clean.items()])
+        self.writer._get_file_writer().add_summary(summary, step)
         self.jsonl.append({"step": step, **clean})
 
     def close(self) -> None:
