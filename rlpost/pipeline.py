@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlpost.errors import UserError
-from rlpost.recipe import changed_keys, flat_settings, stage_defaults, where
+from rlpost.recipe import changed_keys, flat_settings, section_defaults, stage_defaults, where
 
 # may differ between the first run and a resume: where the run lives, and how many rollout workers
 # (on which backend) generate its batches, which changes nothing of what is trained
@@ -356,8 +356,8 @@ def _check_same_recipe(run_dir: Path, recipe: Any) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(settings, default=str))
-        defaults = json.loads(json.dumps(stage_defaults(recipe), default=str))
-        # a stage key that a newer rlpost added, left at its default, changes nothing the run did
+        defaults = json.loads(json.dumps(section_defaults() | stage_defaults(recipe), default=str))
+        # a key that a newer rlpost added (e.g. data.task.digits), left at its default, changes nothing the run did
         changed = [k for k in changed_keys(old, new, _FREE_KEYS)
                    if not (k not in old and k in defaults and new.get(k) == defaults[k])]
         if changed:

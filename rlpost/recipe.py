@@ -71,6 +71,10 @@ class TaskSection:
     held_out_percent: int = setting(12, "percent of all operand pairs reserved for evaluation only (12: 1188 pairs)")
     carry_slip: float = setting(0.75, "probability that the SFT demonstrator forgets a carry")
     reverse: bool = setting(True, "numbers zero-padded, least significant digit first (57+68=125 -> 75+86=521)")
+    digits: int | None = setting(None, "long answers: operands of exactly this many digits, drawn instead of "
+                                       "enumerated (max_operand unused); the answer has digits + 1")
+    carries: float = setting(1.0, "with digits: expected carries per problem, in (0, digits]; each column "
+                                  "carries with probability carries / digits and never cascades")
 
 
 @dataclass
@@ -185,6 +189,11 @@ def stage_defaults(recipe: Any) -> dict[str, Any]:
     return _flatten({e.name: to_dict(STAGES[e.type].config()) for e in recipe.stage_entries})
 
 
+def section_defaults() -> dict[str, Any]:
+    """The fixed sections' keys at their defaults, flattened as `flat_settings` does."""
+    return _flatten(to_dict(RecipeBase()))
+
+
 def _flatten(data: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
@@ -297,6 +306,8 @@ def check_relations(recipe: Any) -> None:
     if recipe.data.source != "task" and m.build is not None:
         raise UserError(f"{where(recipe, 'data.source')}: the built-in character model (model.build) reads only the built-in task's "
                         f"prompts; use data.source=task or a model.path")
+    if recipe.data.source == "task":
+        _check_task(recipe)
     for i, spec in enumerate(recipe.eval):
         if spec.limit is not None and spec.limit < 1:
             raise UserError(f"{where(recipe, 'eval')}: key 'eval[{i}].limit' must be >= 1, got {spec.limit}")
@@ -319,3 +330,38 @@ def check_relations(recipe: Any) -> None:
 
         check_lora(getattr(cfg, "lora", None), fail)  # every stage's `lora` section (rlpost/lora.py)
         STAGES[entry.type].check(cfg, recipe, name)
+
+
+def _check_task(recipe: Any) -> None:
+    """The long-answer task (`data.task.digits`): its keys, and budgets that fit its answer of digits + 1."""
+    t = recipe.data.task
+    if t.digits is None:
+        return
+    if t.digits < 1:
+        raise UserError(f"{where(recipe, 'data.task.digits')}: key 'data.task.digits' must be >= 1 (or null: "
+                        f"operands in [0, max_operand]), got {t.digits}")
+    if not 0 < t.carries <= t.digits:
+        raise UserError(f"{where(recipe, 'data.task.carries')}: key 'data.task.carries' must be in "
+                        f"(0, data.task.digits={t.digits}], got {t.carries}")
+    answer = t.digits + 1
+    sequence = 2 * t.digits + 2 + answer + 1  # prompt "a+b=", answer, EOS; budgets below must hold answer + EOS
+    m = recipe.model
+    limit = m.max_model_len or (m.build.max_positions if m.build else None)
+    if limit and sequence > limit:
+        key = "model.max_model_len" if m.max_model_len else "model.build.max_positions"
+        raise UserError(f"{where(recipe, key)}: key '{key}' is {limit} but data.task.digits={t.digits} needs "
+                        f"{sequence} positions (prompt {2 * t.digits + 2}, answer {answer}, EOS); raise it")
+    for i, spec in enumerate(recipe.eval):
+        if spec.benchmark == "held_out" and (spec.max_tokens or 0) <= answer:
+            shown = spec.max_tokens if spec.max_tokens else "unset (the addition default, 8)"
+            raise UserError(f"{where(recipe, 'eval')}: key 'eval[{i}].max_tokens' is {shown} but the "
+                            f"held-out answers have {answer} digits and an EOS (data.task.digits={t.digits}); "
+                            f"set it to at least {answer + 1}")
+    for entry in recipe.stage_entries:
+        cfg = getattr(recipe, entry.name)
+        for key in ("max_tokens", "max_completion_length", "rollout_max_tokens"):
+            budget = getattr(cfg, key, None)
+            if isinstance(budget, int) and budget <= answer:
+                raise UserError(f"{where(recipe, f'{entry.name}.{key}')}: key '{entry.name}.{key}' is {budget} "
+                                f"but answers have {answer} digits and an EOS (data.task.digits={t.digits}); "
+                                f"set it to at least {answer + 1}")

@@ -36,10 +36,10 @@ class TrainingData:
         return self.section.source == "task"
 
     def task(self):
-        from rlpost.tasks.arithmetic import AdditionTask
+        from rlpost.tasks.arithmetic import addition_task
 
         t = self.section.task
-        return AdditionTask(t.max_operand, t.held_out_percent, t.reverse, t.carry_slip)
+        return addition_task(t.max_operand, t.held_out_percent, t.reverse, t.carry_slip, t.digits, t.carries)
 
     def rows(self) -> list[dict]:
         """The dataset's rows (datasets only), read once."""
@@ -51,8 +51,8 @@ class TrainingData:
         return self._rows
 
     def pool_size(self) -> int:
-        """How many distinct training prompts exist."""
-        return len(self.task()._train_pairs) if self.is_task else len(self.rows())
+        """How many distinct training prompts exist (the long task: an estimate, never enumerated)."""
+        return self.task().pool_size if self.is_task else len(self.rows())
 
     def prompts(self):
         from rlpost.data import DatasetPrompts
@@ -100,4 +100,4 @@ class TrainingData:
 
         t = self.section.task
         return load_addition(t.max_operand, t.held_out_percent, t.reverse, t.carry_slip,
-                             count=limit or 1000, seed=self.seed)
+                             count=limit or 1000, seed=self.seed, digits=t.digits, carries=t.carries)

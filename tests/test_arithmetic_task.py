@@ -9,6 +9,7 @@ training pairs, E[fraction correct] = mean over training pairs of (1 - p)^c(a, b
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,43 @@ def test_score_answer_and_exact_match_reward():
     assert exact_match_reward(["57+68="], ["521"], completion_ids=[[9, 6, 5]]) == [None]
     with pytest.raises(ValueError):
         exact_match_reward(["a", "b"], ["1", "2"], answer=["1"])
+
+
+def _digest(data) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+def test_quickstart_prompts_demonstrations_and_held_out_are_pinned():
+    """The quickstart task (max_operand=99, held_out_percent=12, reverse, carry_slip=0.75, seed 0) as it
+    was before the long-answer task and the slip fix were added: same prompts, demonstrations, held-out set."""
+    task = AdditionTask(99, 12, True, 0.75)
+    stream = [(p.prompt, p.answer) for p in (task.train_problem(0, i) for i in range(3000))]
+    assert stream[:4] == [("71+68=", "301"), ("43+98=", "321"), ("88+95=", "741"), ("95+78=", "641")]
+    assert _digest(stream) == "4bb4e2fbe02867d6"
+    demos = task.demonstrations(8000, 0)
+    assert [tuple(d) for d in demos[:4]] == [("98+49=", "380"), ("49+10=", "590"), ("39+86=", "150"), ("53+47=", "900")]
+    assert _digest(demos) == "c34d2d9c51f21e23"
+    held = [(p.prompt, p.answer) for p in task.held_out(1000, 0)]
+    assert held[:4] == [("60+56=", "170"), ("50+31=", "810"), ("24+68=", "821"), ("25+23=", "480")]
+    assert _digest(held) == "52db8a8dc5222586"
+    assert (task.pool_size, len(task._held_out_pairs)) == (8812, 1188)
+    default = AdditionTask()
+    assert _digest(default.demonstrations(300, 2)) == "042fcac06c17e04a"
+    assert _digest([p.prompt for p in default.held_out(100, 1)]) == "b98b12ee143200aa"
+
+
+def test_quickstart_training_data_is_pinned():
+    """What the quickstart's stages read through TrainingData: demonstrations, validation, held-out rows."""
+    from rlpost.recipe import load_recipe
+    from rlpost.training_data import TrainingData
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    data = TrainingData(load_recipe(recipe).data, 0)
+    demos = data.demonstrations(8000)
+    validation = data.validation(400, {d["prompt"] for d in demos})
+    assert (_digest(demos), _digest(validation), _digest(data.held_out(1000).rows)) == (
+        "5407cdbebbdca59c", "ca389072d7791fa9", "93e8ba6296590dda")
+    assert data.pool_size() == 8812

@@ -33,16 +33,20 @@ def load_addition(
     carry_slip: float = 0.0,
     count: int = DEFAULT_COUNT,
     seed: int = 0,
+    digits: int | None = None,
+    carries: float = 1.0,
 ) -> Benchmark:
-    """`count` held-out addition problems; reference = the exact answer, verifier "addition"."""
-    from rlpost.tasks.arithmetic import AdditionTask
+    """`count` held-out addition problems; reference = the exact answer, verifier "addition".
+    With `digits`, the long-answer task (`LongAdditionTask`; max_operand unused)."""
+    from rlpost.tasks.arithmetic import addition_task
 
-    task = AdditionTask(max_operand, held_out_percent, reverse, carry_slip)
     try:
+        task = addition_task(max_operand, held_out_percent, reverse, carry_slip, digits, carries)
         problems = task.held_out(count, seed)
     except ValueError as err:
+        size = f"digits={digits}, carries={carries}" if digits is not None else f"max_operand={max_operand}"
         raise UserError(
-            f"addition benchmark: {err} (max_operand={max_operand}, "
+            f"addition benchmark: {err} ({size}, "
             f"held_out_percent={held_out_percent}); lower held_out_prompts/count"
         ) from err
     rows = [
@@ -93,6 +97,9 @@ def task_options(config_path: str | Path) -> tuple[dict[str, Any], int | None]:
         if full not in data:
             raise UserError(f"run settings {path} lack key '{full}'")
         options[key] = data[full]
+    if data.get("data.task.digits") is not None:  # the long-answer task; runs before it lack both keys
+        options["digits"] = data["data.task.digits"]
+        options["carries"] = data.get("data.task.carries", 1.0)
     held = [e for e in data.get("eval", []) if isinstance(e, dict) and e.get("benchmark") == "held_out"]
     options["count"] = (held[0].get("limit") if held else None) or DEFAULT_COUNT
     budgets = [v for k, v in data.items() if k.endswith(".max_completion_length")]

@@ -23,6 +23,16 @@ The verifier, though, is exact. Sampling at temperature 1 draws the carried digi
 time per carry, so most GRPO groups of 16 contain a correct sample; the group-normalised
 advantage favours carrying, one rule shared by every problem, and RL moves the policy from
 imitating the demonstrator to doing the sum.
+
+Long answers (`LongAdditionTask`, recipe keys `data.task.digits` / `data.task.carries`)
+--------------------------------------------------------------------------------------
+The same task with `digits`-digit operands (127: a 256-character prompt, a 128-digit answer), for
+benchmarks whose completions must be long. The 10^(2*digits) pairs cannot be enumerated, so each
+problem is drawn column by column: with probability q = carries / digits the column's digit pair
+carries out (a_k + b_k >= 10), else a_k + b_k <= 8, so an incoming carry never cascades. The
+number of carries is Binomial(digits, q) with mean `carries`: at digits=127, carries=1 about 37%
+of problems need no carry, and the careless demonstrator (which may drop the carry of any column)
+leaves the SFT policy right on about those, the quickstart's story at long length.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from dataclasses import dataclass
 
 from rewards.arithmetic import exact_match_reward, score_answer
 
-__all__ = ["AdditionTask", "Problem", "written_sum", "score_answer", "exact_match_reward"]
+__all__ = ["AdditionTask", "LongAdditionTask", "addition_task", "Problem", "written_sum", "score_answer",
+           "exact_match_reward"]
 
 
 @dataclass(frozen=True)
@@ -124,17 +135,19 @@ class AdditionTask:
         `carry_slip`, so its answers are wrong on many problems that need a carry.
         """
         rng = random.Random(f"demos:{seed}")
+        # one slip draw per column that can carry out; at least 4, the draws the quickstart's
+        # demonstrations were made with (changing the count would change every demonstration)
+        columns = max(4, len(str(self.max_operand)))
         demos = []
         for a, b in rng.sample(self._train_pairs, count):
-            slips = tuple(rng.random() < self.carry_slip for _ in range(4))
+            slips = tuple(rng.random() < self.carry_slip for _ in range(columns))
             problem = Problem(a, b, self.reverse, self.width)
             demos.append((problem.prompt, problem.written(slips)))
         return demos
 
     def answer_for(self, prompt: str) -> str:
         """The correct answer to a prompt `"a+b="` of this task."""
-        a, b = prompt.rstrip("=").split("+")
-        return Problem(read_number(a, self.width), read_number(b, self.width), self.reverse, self.width).answer
+        return _answer_for(prompt, self.reverse, self.width)
 
     def held_out(self, count: int, seed: int = 0) -> list[Problem]:
         """`count` distinct held-out problems (evaluation only)."""
@@ -149,6 +162,129 @@ class AdditionTask:
         """Digits per operand in the reversed layout (0: numbers written as usual)."""
         return len(str(self.max_operand)) if self.reverse else 0
 
+    @property
+    def pool_size(self) -> int:
+        """How many distinct training problems exist."""
+        return len(self._train_pairs)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "_train_pairs", self._pairs(held_out=False))
         object.__setattr__(self, "_held_out_pairs", self._pairs(held_out=True))
+
+
+def _answer_for(prompt: str, reverse: bool, width: int) -> str:
+    a, b = prompt.rstrip("=").split("+")
+    return Problem(read_number(a, width), read_number(b, width), reverse, width).answer
+
+
+_NO_CARRY = tuple((x, y) for x in range(10) for y in range(10) if x + y <= 8)  # 45 pairs
+_CARRY = tuple((x, y) for x in range(10) for y in range(10) if x + y >= 10)  # 45 pairs
+_DRAWS_PER_PROBLEM = 1000  # tries to find one problem outside (or inside) the held-out slice
+
+
+@dataclass(frozen=True)
+class LongAdditionTask:
+    """Addition of two `digits`-digit numbers with sparse carries (module docstring, "Long answers").
+
+    Problems are drawn, never enumerated: `train_problem(seed, index)` is a pure function of its
+    arguments and redraws (from the same seeded generator) while the pair is held out;
+    `held_out(count, seed)` takes the first `count` distinct held-out pairs of a seeded stream, so
+    `held_out(L, seed)` is a prefix of `held_out(N, seed)` for L <= N.
+    """
+
+    digits: int = 127
+    carries: float = 1.0
+    held_out_percent: int = 12
+    reverse: bool = True
+    carry_slip: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.digits < 1:
+            raise ValueError(f"digits must be >= 1, got {self.digits}")
+        if not 0 < self.carries <= self.digits:
+            raise ValueError(f"carries must be in (0, digits={self.digits}], got {self.carries}")
+
+    @property
+    def width(self) -> int:
+        """Digits per operand in the reversed layout (0: numbers written as usual)."""
+        return self.digits if self.reverse else 0
+
+    @property
+    def pool_size(self) -> int:
+        """About how many distinct training problems exist: the pairs the column draw can give (45
+        or 90 digit pairs per column), less the held-out slice. Never enumerated."""
+        per_column = len(_CARRY) if self.carries == self.digits else len(_CARRY) + len(_NO_CARRY)
+        kept = sum(1 for d in range(256) if d * 100 // 256 >= self.held_out_percent)
+        return per_column ** self.digits * kept // 256
+
+    def _draw(self, rng: random.Random) -> tuple[int, int]:
+        """One pair, column by column: carry out with probability carries / digits, else a + b <= 8."""
+        q = self.carries / self.digits
+        a_digits, b_digits = [], []
+        for _ in range(self.digits):
+            x, y = rng.choice(_CARRY if rng.random() < q else _NO_CARRY)
+            a_digits.append(x)
+            b_digits.append(y)
+        # column k is the k-th least significant digit
+        return int("".join(map(str, reversed(a_digits)))), int("".join(map(str, reversed(b_digits))))
+
+    def _draw_where(self, rng: random.Random, held_out: bool) -> tuple[int, int]:
+        for _ in range(_DRAWS_PER_PROBLEM):
+            a, b = self._draw(rng)
+            if _is_held_out(a, b, self.held_out_percent) == held_out:
+                return a, b
+        side = "held-out" if held_out else "training"
+        raise ValueError(f"no {side} pair in {_DRAWS_PER_PROBLEM} draws (held_out_percent={self.held_out_percent})")
+
+    def _problem(self, a: int, b: int) -> Problem:
+        return Problem(a, b, self.reverse, self.width)
+
+    def train_problem(self, seed: int, index: int) -> Problem:
+        """The `index`-th training prompt of the stream `seed` (never a held-out pair)."""
+        return self._problem(*self._draw_where(random.Random(f"long:{seed}:{index}"), held_out=False))
+
+    def demonstrations(self, count: int, seed: int) -> list[tuple[str, str]]:
+        """`count` (prompt, completion) demonstrations on distinct training problems; the careless
+        demonstrator forgets the carry out of every column with probability `carry_slip`."""
+        rng = random.Random(f"long-demos:{seed}")
+        demos, seen = [], set()
+        for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
+            if len(demos) == count:
+                break
+            a, b = self._draw_where(rng, held_out=False)
+            problem = self._problem(a, b)
+            if problem.prompt in seen:
+                continue
+            seen.add(problem.prompt)
+            slips = tuple(rng.random() < self.carry_slip for _ in range(self.digits))
+            demos.append((problem.prompt, problem.written(slips)))
+        if len(demos) < count:
+            raise ValueError(f"found only {len(demos)} distinct training problems; asked for {count}")
+        return demos
+
+    def answer_for(self, prompt: str) -> str:
+        """The correct answer to a prompt `"a+b="` of this task."""
+        return _answer_for(prompt, self.reverse, self.width)
+
+    def held_out(self, count: int, seed: int = 0) -> list[Problem]:
+        """`count` distinct held-out problems (evaluation only), a prefix of any longer list."""
+        rng = random.Random(f"long-held-out:{seed}")
+        problems, seen = [], set()
+        for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
+            if len(problems) == count:
+                break
+            pair = self._draw_where(rng, held_out=True)
+            if pair not in seen:
+                seen.add(pair)
+                problems.append(self._problem(*pair))
+        if len(problems) < count:
+            raise ValueError(f"found only {len(problems)} distinct held-out pairs; asked for {count}")
+        return problems
+
+
+def addition_task(max_operand: int = 99, held_out_percent: int = 15, reverse: bool = False,
+                  carry_slip: float = 0.0, digits: int | None = None, carries: float = 1.0):
+    """`AdditionTask` on `[0, max_operand]`, or with `digits` a `LongAdditionTask` (max_operand unused)."""
+    if digits is None:
+        return AdditionTask(max_operand, held_out_percent, reverse, carry_slip)
+    return LongAdditionTask(digits, carries, held_out_percent, reverse, carry_slip)
