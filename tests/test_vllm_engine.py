@@ -79,8 +79,21 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos(engine_and_models):
         assert tok.eos_token_id not in o[0].token_ids[:-1]
 
 
+def test_prefix_caching_is_on_only_where_a_prompt_can_fill_a_block():
+    """Only whole KV blocks are shared: a context no longer than a block cannot hold a cached prompt."""
+    from rollouts.engine import CPU_BLOCK_SIZE, CUDA_BLOCK_SIZE, EngineSettings, prefix_caching_pays
+
+    assert not prefix_caching_pays(EngineSettings(max_model_len=64), cuda=False)  # the quickstart's
+    assert not prefix_caching_pays(EngineSettings(max_model_len=CPU_BLOCK_SIZE), cuda=False)
+    assert prefix_caching_pays(EngineSettings(max_model_len=CPU_BLOCK_SIZE + 1), cuda=False)
+    assert prefix_caching_pays(EngineSettings(max_model_len=CUDA_BLOCK_SIZE + 1), cuda=True)
+    assert prefix_caching_pays(EngineSettings(max_model_len=64, prefix_caching=True), cuda=False)
+    assert not prefix_caching_pays(EngineSettings(max_model_len=512, prefix_caching=False), cuda=True)
+
+
 def test_a_reload_empties_the_prefix_cache(tmp_path):
-    """Prefix caching is on (a group's samples share the prompt's full KV blocks, 128 tokens on CPU):
+    """Prefix caching is on at this context length (a group's samples share the prompt's full KV blocks,
+    128 tokens on CPU):
     a prompt longer than a block, generated before a reload, must not be served from blocks computed
     with the old weights afterwards."""
     from rollouts.engine import EngineSettings, RolloutEngine
