@@ -214,7 +214,7 @@ def print_tables(shape: Shape, policy: Path, runs: dict[int, list[dict]], steps:
             rate = side["steps"] / side["train_s"]
             reach, last = time_to(side["curve"], target), side["curve"][-1]
             speed, reached = ratios(side, peer, target)
-            print(f"| {seed} | {side['side']} | {rate:.2f} | {rate * per_step:.0f} | "
+            print(f"| {seed} | {side['side']} | {rate:.3g} | {rate * per_step:.3g} | "
                   f"{'not reached' if reach is None else f'{reach:.1f}'} | {100 * last[2]:.1f}% [{100 * last[3]:.1f}, "
                   f"{100 * last[4]:.1f}] | {side['startup_s']:.1f} | {speed:.2f}x | "
                   f"{'n/a' if reached is None else f'{reached:.2f}x'} |")
