@@ -23,7 +23,7 @@ step "1. generation, learner and weight sync, ~0.5B parameters"
 .venv/bin/python -m bench.scaling --device cuda --sizes 500M --lengths 128 512 --prompts 64 --out "$out/scaling"
 
 step "2. weight sync by path"
-echo "shared memory (/dev/shm safetensors + vLLM reload_weights): the sync columns of 1"
+echo "shared memory (/dev/shm safetensors + the model's load_weights in vLLM): the sync columns of 1"
 echo "CUDA IPC: not implemented in rlpost; NCCL broadcast: not implemented in rlpost"
 
 step "3. async step time against its bounds"
