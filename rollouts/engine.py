@@ -37,8 +37,8 @@ class EngineSettings:
     seed: int = 0
     max_num_seqs: int = 256
     # None: on when a prompt can fill a KV block (max_model_len > the block size; 128 on CPU, 16 on
-    # CUDA). Only whole blocks are shared, and on CPU the cache's bookkeeping for prompts shorter than
-    # a block costs a quarter of the quickstart's generate time for nothing.
+    # CUDA). Only whole blocks are shared; for shorter prompts the cache's bookkeeping costs time
+    # (up to a quarter of the quickstart's generate time, measured on CPU) and shares nothing.
     prefix_caching: bool | None = None
 
 
