@@ -247,19 +247,11 @@ class LongAdditionTask:
         """`count` (prompt, completion) demonstrations on distinct training problems; the careless
         demonstrator forgets the carry out of every column with probability `carry_slip`."""
         rng = random.Random(f"long-demos:{seed}")
-        demos, seen = [], set()
-        for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
-            if len(demos) == count:
-                break
-            a, b = self._draw_where(rng, held_out=False)
+        demos = []
+        for a, b in self._distinct_pairs(rng, count, held_out=False):
             problem = self._problem(a, b)
-            if problem.prompt in seen:
-                continue
-            seen.add(problem.prompt)
             slips = tuple(rng.random() < self.carry_slip for _ in range(self.digits))
             demos.append((problem.prompt, problem.written(slips)))
-        if len(demos) < count:
-            raise ValueError(f"found only {len(demos)} distinct training problems; asked for {count}")
         return demos
 
     def answer_for(self, prompt: str) -> str:
@@ -269,17 +261,22 @@ class LongAdditionTask:
     def held_out(self, count: int, seed: int = 0) -> list[Problem]:
         """`count` distinct held-out problems (evaluation only), a prefix of any longer list."""
         rng = random.Random(f"long-held-out:{seed}")
-        problems, seen = [], set()
+        return [self._problem(*pair) for pair in self._distinct_pairs(rng, count, held_out=True)]
+
+    def _distinct_pairs(self, rng: random.Random, count: int, held_out: bool):
+        """`count` distinct pairs of one side of the split, drawn from `rng` one at a time (a caller may
+        draw from `rng` between them, as the demonstrator's slips do)."""
+        seen: set[tuple[int, int]] = set()
         for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
-            if len(problems) == count:
-                break
-            pair = self._draw_where(rng, held_out=True)
+            if len(seen) == count:
+                return
+            pair = self._draw_where(rng, held_out)
             if pair not in seen:
                 seen.add(pair)
-                problems.append(self._problem(*pair))
-        if len(problems) < count:
-            raise ValueError(f"found only {len(problems)} distinct held-out pairs; asked for {count}")
-        return problems
+                yield pair
+        if len(seen) < count:
+            side = "held-out pairs" if held_out else "training problems"
+            raise ValueError(f"found only {len(seen)} distinct {side}; asked for {count}")
 
 
 def addition_task(max_operand: int = 99, held_out_percent: int = 15, reverse: bool = False,
