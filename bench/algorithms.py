@@ -72,25 +72,28 @@ def stage(algorithm: str, steps: int, staleness: int) -> dict:
     }[algorithm] | {"name": algorithm}
 
 
-def base_recipe() -> dict:
-    full = yaml.safe_load(QUICKSTART.read_text())
+def base_recipe(full: dict | None = None) -> dict:
+    """`full`'s (default: the quickstart's) model, data and eval, with its SFT stages only."""
+    full = full or yaml.safe_load(QUICKSTART.read_text())
     return {k: full[k] for k in ("model", "data", "eval")} | {"stages": [s for s in full["stages"] if s["type"] == "sft"]}
 
 
-def from_policy(policy: Path, stages: list[dict], seed: int = 0, **sections) -> dict:
-    """A recipe of the quickstart's data and evaluation with `policy` as the model, then `stages`;
-    `sections`: other top-level sections (e.g. rollout={...})."""
-    base = base_recipe()
+def from_policy(policy: Path, stages: list[dict], seed: int = 0, full: dict | None = None, **sections) -> dict:
+    """A recipe of `full`'s (default: the quickstart's) data and evaluation with `policy` as the model,
+    then `stages`; `sections`: other top-level sections (e.g. rollout={...})."""
+    base = base_recipe(full)
     model = {k: v for k, v in base["model"].items() if k != "build"} | {"path": str(policy)}
     return {"seed": seed, "model": model, "data": base["data"], "eval": base["eval"], **sections, "stages": stages}
 
 
-def sft_policy(root: Path, given: Path | None = None) -> Path:
-    """`given`, or the quickstart's SFT stage (seed 0) trained once into ROOT/sft (reused when finished)."""
+def sft_policy(root: Path, given: Path | None = None, full: dict | None = None) -> Path:
+    """`given`, or the SFT stage of `full` (default: the quickstart's; seed 0) trained once into ROOT/sft
+    (reused when finished)."""
     if given is not None:
         return given
-    run_recipe(base_recipe() | {"seed": 0}, root / "sft")
-    return root / "sft" / "sft" / "policy"
+    base = base_recipe(full)
+    run_recipe(base | {"seed": 0}, root / "sft")
+    return root / "sft" / base["stages"][0].get("name", "sft") / "policy"
 
 
 def run_recipe(recipe: dict, run_dir: Path, learner_ranks: int = 1) -> tuple[dict, float]:

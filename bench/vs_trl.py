@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.algorithms import REPO, run_recipe
+from bench.algorithms import REPO, from_policy, run_recipe, sft_policy
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,10 @@ class Shape:
         return self.grpo["num_generations"]
 
     def from_policy(self, policy: Path, stages: list[dict], seed: int) -> dict:
-        model = {k: v for k, v in self.recipe["model"].items() if k != "build"} | {"path": str(policy)}
-        return {"seed": seed, "model": model, "data": self.recipe["data"], "eval": self.recipe["eval"][:1],
-                "stages": stages}
+        return from_policy(policy, stages, seed, full=self.recipe)
 
     def sft_policy(self, root: Path, given: Path | None) -> Path:
-        if given is not None:
-            return given
-        sft = next(s for s in self.recipe["stages"] if s["type"] == "sft")
-        run_recipe({k: self.recipe[k] for k in ("model", "data", "eval")} | {"seed": 0, "stages": [sft]}, root / "sft")
-        return root / "sft" / sft.get("name", "sft") / "policy"
+        return sft_policy(root, given, full=self.recipe)
 
 
 def rlpost_side(shape: Shape, policy: Path, root: Path, steps: int, eval_every: int, staleness: int,
