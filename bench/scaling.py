@@ -13,8 +13,9 @@ ignored, so every length is really generated), each measured in a process of its
 - learner tokens/s: one GRPO update (rlpost's learner: TRL's loss, backward, AdamW) on 2 groups of
   2 completions of L tokens, the second of two updates timed; tokens = completion tokens trained;
 - weight sync: the learner publishing the full weights (`WeightPublisher`, safetensors in /dev/shm)
-  and vLLM loading them in place (`reload_weights`), against a memcpy of the same bytes measured in
-  the same process (one `clone` of every tensor) - the floor any sync path pays at least once;
+  and vLLM loading them in place (`RolloutEngine.reload_weights`), against a memcpy of the same bytes
+  measured in the same process (one `clone` of every tensor) - the floor any sync path pays at least
+  once; medians of 3, by bench/sync_breakdown.py's `sync_parts` (which also times the parts);
 - peak resident memory (ru_maxrss) of each measuring process: the vLLM engine's, transformers
   generate's, the learner's.
 
@@ -29,7 +30,6 @@ import argparse
 import json
 import multiprocessing
 import resource
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -84,29 +84,12 @@ def vllm_generation(model_dir: str, length: int, prompts: int, device: str) -> d
 
     run(min(length, 8))
     seconds = run(length)
-    # weight sync into the running engine: publish the same weights, reload in place
-    import torch
-    from transformers import AutoModelForCausalLM
+    # weight sync into the running engine: publish the same weights, load them in place
+    from bench.sync_breakdown import sync_parts
 
-    from rollouts.weight_sync import WeightPublisher
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = [t.detach() for t in model.state_dict().values()]
-    size = sum(t.numel() * t.element_size() for t in state)
-    from bench.sync_cost import median_of
-
-    memcpy = median_of(3, lambda: [t.clone() for t in state])
-    publisher = WeightPublisher("scaling")
-    try:
-        writes, loads = [], []
-        for version in (1, 2, 3):
-            directory, write_s = publisher.publish(model, version, "full")
-            writes.append(write_s)
-            loads.append(engine.reload_weights(directory))
-    finally:
-        publisher.close()
-    return {"vllm_tokens_per_s": prompts * length / seconds, "vllm_s": seconds, "sync_bytes": size,
-            "memcpy_s": memcpy, "publish_s": statistics.median(writes), "reload_s": statistics.median(loads),
+    sync = sync_parts(engine, model_dir, repeats=3)
+    return {"vllm_tokens_per_s": prompts * length / seconds, "vllm_s": seconds, "sync_bytes": sync["bytes"],
+            "memcpy_s": sync["memcpy_s"], "publish_s": sync["publish_s"], "reload_s": sync["reload_s"],
             "vllm_peak_rss_mb": peak_rss_mb()}
 
 

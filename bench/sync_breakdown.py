@@ -50,14 +50,24 @@ def _read_and_load(worker, weights_dir: str) -> tuple[float, float]:
 
 
 def measure(model_dir: str, repeats: int, device: str) -> dict:
+    """Every part, with an engine of its own on `model_dir`."""
+    from rollouts.engine import EngineSettings, RolloutEngine
+
+    engine = RolloutEngine(model_dir, EngineSettings(max_model_len=64, dtype="float32", seed=0))
+    try:
+        return sync_parts(engine, model_dir, repeats)
+    finally:
+        engine.close()
+
+
+def sync_parts(engine, model_dir: str, repeats: int) -> dict:
+    """The parts of syncing `model_dir`'s weights into the running `engine` (the module docstring)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from rollouts.engine import EngineSettings, RolloutEngine
     from rollouts.weight_sync import WeightPublisher, exportable_state_dict, shared_memory_base
 
-    engine = RolloutEngine(model_dir, EngineSettings(max_model_len=64, dtype="float32", seed=0))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = exportable_state_dict(model)
     size = sum(t.numel() * t.element_size() for t in state.values())
@@ -76,7 +86,6 @@ def measure(model_dir: str, repeats: int, device: str) -> dict:
         row["reload_s"] = median_of(repeats, lambda: engine.reload_weights(directory))
     finally:
         publisher.close()
-        engine.close()
     return row
 
 
