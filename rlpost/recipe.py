@@ -75,6 +75,9 @@ class TaskSection:
                                        "enumerated (max_operand unused); the answer has digits + 1")
     carries: float = setting(1.0, "with digits: expected carries per problem, in (0, digits]; each column "
                                   "carries with probability carries / digits and never cascades")
+    kind: str = setting("addition", "'addition' or 'counting' (count up by one from the prompt's number: "
+                                    "`numbers` numbers of `digits` digits; rlpost/tasks/counting.py)")
+    numbers: int = setting(6, "counting: how many numbers the answer lists")
 
 
 @dataclass
@@ -333,29 +336,43 @@ def check_relations(recipe: Any) -> None:
 
 
 def _check_task(recipe: Any) -> None:
-    """The long-answer task (`data.task.digits`): its keys, and budgets that fit its answer of digits + 1."""
+    """The long-answer tasks (`data.task.digits`, `data.task.kind`): their keys, and budgets that fit the answer."""
+    from rlpost.tasks import TASK_KINDS, build_task
+
     t = recipe.data.task
+    if t.kind not in TASK_KINDS:
+        raise UserError(f"{where(recipe, 'data.task.kind')}: key 'data.task.kind' must be one of "
+                        f"{', '.join(TASK_KINDS)}, got {t.kind!r}")
     if t.digits is None:
+        if t.kind == "counting":
+            raise UserError(f"{where(recipe, 'data.task.digits')}: key 'data.task.digits' must be set for "
+                            f"data.task.kind=counting (how many digits each number has, e.g. 21)")
         return
     if t.digits < 1:
         raise UserError(f"{where(recipe, 'data.task.digits')}: key 'data.task.digits' must be >= 1 (or null: "
                         f"operands in [0, max_operand]), got {t.digits}")
-    if not 0 < t.carries <= t.digits:
+    if t.kind == "addition" and not 0 < t.carries <= t.digits:
         raise UserError(f"{where(recipe, 'data.task.carries')}: key 'data.task.carries' must be in "
                         f"(0, data.task.digits={t.digits}], got {t.carries}")
-    answer = t.digits + 1
-    sequence = 2 * t.digits + 2 + answer + 1  # prompt "a+b=", answer, EOS; budgets below must hold answer + EOS
+    if t.kind == "counting" and not 1 <= t.numbers < 10 ** t.digits:
+        raise UserError(f"{where(recipe, 'data.task.numbers')}: key 'data.task.numbers' must be in "
+                        f"[1, 10**data.task.digits), got {t.numbers}")
+    task = build_task(t.kind, t.max_operand, t.held_out_percent, t.reverse, t.carry_slip, t.digits, t.carries,
+                      t.numbers)
+    answer, prompt = task.answer_length, task.prompt_length
+    shape = f"data.task.kind={t.kind}, data.task.digits={t.digits}"
+    sequence = prompt + answer + 1  # budgets below must hold answer + EOS
     m = recipe.model
     limit = m.max_model_len or (m.build.max_positions if m.build else None)
     if limit and sequence > limit:
         key = "model.max_model_len" if m.max_model_len else "model.build.max_positions"
-        raise UserError(f"{where(recipe, key)}: key '{key}' is {limit} but data.task.digits={t.digits} needs "
-                        f"{sequence} positions (prompt {2 * t.digits + 2}, answer {answer}, EOS); raise it")
+        raise UserError(f"{where(recipe, key)}: key '{key}' is {limit} but {shape} needs "
+                        f"{sequence} positions (prompt {prompt}, answer {answer}, EOS); raise it")
     for i, spec in enumerate(recipe.eval):
         if spec.benchmark == "held_out" and (spec.max_tokens or 0) <= answer:
             shown = spec.max_tokens if spec.max_tokens else "unset (the addition default, 8)"
             raise UserError(f"{where(recipe, 'eval')}: key 'eval[{i}].max_tokens' is {shown} but the "
-                            f"held-out answers have {answer} digits and an EOS (data.task.digits={t.digits}); "
+                            f"held-out answers have {answer} tokens and an EOS ({shape}); "
                             f"set it to at least {answer + 1}")
     for entry in recipe.stage_entries:
         cfg = getattr(recipe, entry.name)
@@ -363,5 +380,5 @@ def _check_task(recipe: Any) -> None:
             budget = getattr(cfg, key, None)
             if isinstance(budget, int) and budget <= answer:
                 raise UserError(f"{where(recipe, f'{entry.name}.{key}')}: key '{entry.name}.{key}' is {budget} "
-                                f"but answers have {answer} digits and an EOS (data.task.digits={t.digits}); "
+                                f"but answers have {answer} tokens and an EOS ({shape}); "
                                 f"set it to at least {answer + 1}")

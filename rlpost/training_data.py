@@ -36,10 +36,11 @@ class TrainingData:
         return self.section.source == "task"
 
     def task(self):
-        from rlpost.tasks.arithmetic import addition_task
+        from rlpost.tasks import build_task
 
         t = self.section.task
-        return addition_task(t.max_operand, t.held_out_percent, t.reverse, t.carry_slip, t.digits, t.carries)
+        return build_task(t.kind, t.max_operand, t.held_out_percent, t.reverse, t.carry_slip, t.digits, t.carries,
+                          t.numbers)
 
     def rows(self) -> list[dict]:
         """The dataset's rows (datasets only), read once."""
@@ -100,4 +101,5 @@ class TrainingData:
 
         t = self.section.task
         return load_addition(t.max_operand, t.held_out_percent, t.reverse, t.carry_slip,
-                             count=limit or 1000, seed=self.seed, digits=t.digits, carries=t.carries)
+                             count=limit or 1000, seed=self.seed, digits=t.digits, carries=t.carries,
+                             kind=t.kind, numbers=t.numbers)

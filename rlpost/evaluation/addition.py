@@ -35,23 +35,27 @@ def load_addition(
     seed: int = 0,
     digits: int | None = None,
     carries: float = 1.0,
+    kind: str = "addition",
+    numbers: int = 6,
 ) -> Benchmark:
     """`count` held-out addition problems; reference = the exact answer, verifier "addition".
-    With `digits`, the long-answer task (`LongAdditionTask`; max_operand unused)."""
-    from rlpost.tasks.arithmetic import addition_task
+    With `digits`, the long-answer task (`LongAdditionTask`; max_operand unused); with `kind`
+    'counting', the counting task (`rlpost.tasks.counting`: `digits` per number, `numbers` numbers)."""
+    from rlpost.tasks import build_task
 
     try:
-        task = addition_task(max_operand, held_out_percent, reverse, carry_slip, digits, carries)
+        task = build_task(kind, max_operand, held_out_percent, reverse, carry_slip, digits, carries, numbers)
         problems = task.held_out(count, seed)
     except ValueError as err:
         size = f"digits={digits}, carries={carries}" if digits is not None else f"max_operand={max_operand}"
+        size = f"kind={kind}, digits={digits}, numbers={numbers}" if kind == "counting" else size
         raise UserError(
             f"addition benchmark: {err} ({size}, "
             f"held_out_percent={held_out_percent}); lower held_out_prompts/count"
         ) from err
     rows = [
         {"prompt": p.prompt, "reference": p.answer, "verifier": ADDITION_VERIFIER,
-         "answer": p.answer, "a": p.a, "b": p.b}
+         "answer": p.answer, **p.columns()}
         for p in problems
     ]
     return Benchmark("addition", rows)
@@ -100,6 +104,9 @@ def task_options(config_path: str | Path) -> tuple[dict[str, Any], int | None]:
     if data.get("data.task.digits") is not None:  # the long-answer task; runs before it lack both keys
         options["digits"] = data["data.task.digits"]
         options["carries"] = data.get("data.task.carries", 1.0)
+    if data.get("data.task.kind", "addition") != "addition":  # runs before the counting task lack these keys
+        options["kind"] = data["data.task.kind"]
+        options["numbers"] = data.get("data.task.numbers", 6)
     held = [e for e in data.get("eval", []) if isinstance(e, dict) and e.get("benchmark") == "held_out"]
     options["count"] = (held[0].get("limit") if held else None) or DEFAULT_COUNT
     budgets = [v for k, v in data.items() if k.endswith(".max_completion_length")]

@@ -69,6 +69,10 @@ class Problem:
         """The sum as a demonstrator who drops the carries marked in `slips` writes it."""
         return written_sum(self.a, self.b, self.reverse, slips, width=self.width + 1 if self.width else 0)
 
+    def columns(self) -> dict[str, int]:
+        """The dataset columns of this problem, for evaluation rows."""
+        return {"a": self.a, "b": self.b}
+
 
 def write_number(n: int, width: int) -> str:
     """`n` as usual for width 0; else zero-padded to `width` digits, least significant first."""
@@ -208,6 +212,16 @@ class LongAdditionTask:
     def width(self) -> int:
         """Digits per operand in the reversed layout (0: numbers written as usual)."""
         return self.digits if self.reverse else 0
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens in a prompt `"a+b="`."""
+        return 2 * self.digits + 2
+
+    @property
+    def answer_length(self) -> int:
+        """Tokens in an answer: the sum has digits + 1 digits (zero-padded when reversed)."""
+        return self.digits + 1
 
     @property
     def pool_size(self) -> int:
