@@ -7,8 +7,10 @@
 The shape comes from a recipe: its model, task and evaluation, its SFT stage (trained once, seed 0,
 into ROOT/sft, or `--sft`) and its GRPO stage's batch shape and hyperparameters (prompts per step,
 samples per prompt, completion length, temperature, learning rate, beta). The quickstart's is
-8 prompts x 16 samples of at most 6 tokens on a 2M model; recipes/long_addition.yaml is the
-generation-heavy one (4 x 8 samples of 129 tokens after 256-token prompts, 20M parameters). Both
+8 prompts x 16 samples of at most 6 tokens on a 2M model; recipes/counting.yaml is the
+generation-heavy one (4 x 8 samples of 132 tokens after 22-token prompts, 21M parameters, an SFT
+stage a CPU finishes in ~15 minutes); recipes/long_addition.yaml is generation-heavy with 256-token
+prompts, but its SFT takes hours on a CPU. Both
 sides train with that shape, lr constant, loss "grpo", group-scaled advantages, clip 0.2, grad norm 1,
 AdamW without weight decay, on the same cores (the whole machine: TRL's process gets torch threads
 = cores; rlpost its recipe's threads per process). TRL runs synchronously, generating with
