@@ -354,6 +354,9 @@ def _check_task(recipe: Any) -> None:
     if t.kind == "addition" and not 0 < t.carries <= t.digits:
         raise UserError(f"{where(recipe, 'data.task.carries')}: key 'data.task.carries' must be in "
                         f"(0, data.task.digits={t.digits}], got {t.carries}")
+    if t.kind == "counting" and not t.reverse:
+        raise UserError(f"{where(recipe, 'data.task.reverse')}: key 'data.task.reverse' must be true for "
+                        f"data.task.kind=counting (its numbers are always written least significant digit first)")
     if t.kind == "counting" and not 1 <= t.numbers < 10 ** t.digits:
         raise UserError(f"{where(recipe, 'data.task.numbers')}: key 'data.task.numbers' must be in "
                         f"[1, 10**data.task.digits), got {t.numbers}")

@@ -118,6 +118,7 @@ def test_recipe_loads_and_plumbs_the_counting_task():
     (["data.task.kind=subtraction"], "data.task.kind"),
     (["data.task.digits=null"], "data.task.digits"),
     (["data.task.numbers=0"], "data.task.numbers"),
+    (["data.task.reverse=false"], "data.task.reverse"),
     (["model.build.max_positions=128"], "model.build.max_positions"),
     (["eval=[{benchmark: held_out, limit: 10}]"], "eval[0].max_tokens"),
     (["grpo.max_completion_length=131"], "grpo.max_completion_length"),  # the answer, no room for the EOS
