@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 
 from rewards.arithmetic import exact_match_reward, score_answer
 
@@ -103,9 +104,36 @@ def written_sum(a: int, b: int, reverse: bool, slips: tuple[bool, ...] = (), wid
     return text if reverse else text[::-1]
 
 
+_DRAWS_PER_PROBLEM = 1000  # tries to find one problem outside (or inside) the held-out slice
+
+
+def in_held_out_slice(key: str, held_out_percent: int) -> bool:
+    """Whether the problem named `key` is test-only: the first byte of its hash falls in the slice."""
+    return hashlib.sha256(key.encode()).digest()[0] * 100 // 256 < held_out_percent
+
+
+def training_share(held_out_percent: int) -> Fraction:
+    """The share of hash values outside the held-out slice (`in_held_out_slice`), exactly."""
+    return Fraction(sum(1 for d in range(256) if d * 100 // 256 >= held_out_percent), 256)
+
+
+def distinct_draws(draw, count: int, what: str):
+    """`count` distinct values of `draw()`, one at a time (a caller may draw from the same generator
+    between them, as the demonstrators' slips do); ValueError naming `what` if too few turn up."""
+    seen: set = set()
+    for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
+        if len(seen) == count:
+            return
+        value = draw()
+        if value not in seen:
+            seen.add(value)
+            yield value
+    if len(seen) < count:
+        raise ValueError(f"found only {len(seen)} distinct {what}; asked for {count}")
+
+
 def _is_held_out(a: int, b: int, held_out_percent: int) -> bool:
-    digest = hashlib.sha256(f"{a}+{b}".encode()).digest()
-    return digest[0] * 100 // 256 < held_out_percent
+    return in_held_out_slice(f"{a}+{b}", held_out_percent)
 
 
 @dataclass(frozen=True)
@@ -183,7 +211,6 @@ def _answer_for(prompt: str, reverse: bool, width: int) -> str:
 
 _NO_CARRY = tuple((x, y) for x in range(10) for y in range(10) if x + y <= 8)  # 45 pairs
 _CARRY = tuple((x, y) for x in range(10) for y in range(10) if x + y >= 10)  # 45 pairs
-_DRAWS_PER_PROBLEM = 1000  # tries to find one problem outside (or inside) the held-out slice
 
 
 @dataclass(frozen=True)
@@ -228,8 +255,7 @@ class LongAdditionTask:
         """About how many distinct training problems exist: the pairs the column draw can give (45
         or 90 digit pairs per column), less the held-out slice. Never enumerated."""
         per_column = len(_CARRY) if self.carries == self.digits else len(_CARRY) + len(_NO_CARRY)
-        kept = sum(1 for d in range(256) if d * 100 // 256 >= self.held_out_percent)
-        return per_column ** self.digits * kept // 256
+        return int(per_column ** self.digits * training_share(self.held_out_percent))
 
     def _draw(self, rng: random.Random) -> tuple[int, int]:
         """One pair, column by column: carry out with probability carries / digits, else a + b <= 8."""
@@ -278,19 +304,9 @@ class LongAdditionTask:
         return [self._problem(*pair) for pair in self._distinct_pairs(rng, count, held_out=True)]
 
     def _distinct_pairs(self, rng: random.Random, count: int, held_out: bool):
-        """`count` distinct pairs of one side of the split, drawn from `rng` one at a time (a caller may
-        draw from `rng` between them, as the demonstrator's slips do)."""
-        seen: set[tuple[int, int]] = set()
-        for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
-            if len(seen) == count:
-                return
-            pair = self._draw_where(rng, held_out)
-            if pair not in seen:
-                seen.add(pair)
-                yield pair
-        if len(seen) < count:
-            side = "held-out pairs" if held_out else "training problems"
-            raise ValueError(f"found only {len(seen)} distinct {side}; asked for {count}")
+        """`count` distinct pairs of one side of the split, drawn from `rng`."""
+        what = "held-out pairs" if held_out else "training problems"
+        return distinct_draws(lambda: self._draw_where(rng, held_out), count, what)
 
 
 def addition_task(max_operand: int = 99, held_out_percent: int = 15, reverse: bool = False,

@@ -20,13 +20,11 @@ fixed slice, and training prompts and demonstrations never use them.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
-from rlpost.tasks.arithmetic import read_number, write_number, written_sum
-
-_DRAWS_PER_PROBLEM = 1000  # tries to find one start outside (or inside) the held-out slice
+from rlpost.tasks.arithmetic import (_DRAWS_PER_PROBLEM, distinct_draws, in_held_out_slice, read_number,
+                                     training_share, write_number, written_sum)
 
 
 @dataclass(frozen=True)
@@ -60,11 +58,6 @@ class CountProblem:
         return {"start": self.start}
 
 
-def _is_held_out(start: int, held_out_percent: int) -> bool:
-    digest = hashlib.sha256(f"count:{start}".encode()).digest()
-    return digest[0] * 100 // 256 < held_out_percent
-
-
 @dataclass(frozen=True)
 class CountingTask:
     """Counting tasks of `numbers` numbers of `width` digits; `held_out_percent` of starts are test-only."""
@@ -94,8 +87,7 @@ class CountingTask:
     def pool_size(self) -> int:
         """About how many distinct training problems exist (starts below 10**width - numbers, less the
         held-out slice); never enumerated."""
-        kept = sum(1 for d in range(256) if d * 100 // 256 >= self.held_out_percent)
-        return (10 ** self.width - self.numbers) * kept // 256
+        return int((10 ** self.width - self.numbers) * training_share(self.held_out_percent))
 
     def _problem(self, start: int) -> CountProblem:
         return CountProblem(start, self.width, self.numbers)
@@ -103,23 +95,14 @@ class CountingTask:
     def _draw_where(self, rng: random.Random, held_out: bool) -> int:
         for _ in range(_DRAWS_PER_PROBLEM):
             start = rng.randrange(10 ** self.width - self.numbers)  # no count passes 10**width
-            if _is_held_out(start, self.held_out_percent) == held_out:
+            if in_held_out_slice(f"count:{start}", self.held_out_percent) == held_out:
                 return start
         side = "held-out" if held_out else "training"
         raise ValueError(f"no {side} start in {_DRAWS_PER_PROBLEM} draws (held_out_percent={self.held_out_percent})")
 
     def _distinct_starts(self, rng: random.Random, count: int, held_out: bool):
-        seen: set[int] = set()
-        for _ in range(_DRAWS_PER_PROBLEM * max(count, 1)):
-            if len(seen) == count:
-                return
-            start = self._draw_where(rng, held_out)
-            if start not in seen:
-                seen.add(start)
-                yield start
-        if len(seen) < count:
-            side = "held-out starts" if held_out else "training problems"
-            raise ValueError(f"found only {len(seen)} distinct {side}; asked for {count}")
+        what = "held-out starts" if held_out else "training problems"
+        return distinct_draws(lambda: self._draw_where(rng, held_out), count, what)
 
     def train_problem(self, seed: int, index: int) -> CountProblem:
         """The `index`-th training prompt of the stream `seed` (never a held-out start)."""
