@@ -30,13 +30,20 @@ def quickstart_cmd(run_dir: Path, *overrides: str, recipe: Path | None = None) -
     return [sys.executable, "-m", "rlpost.cli", "run", *head, f"run_dir={run_dir}", *tiny, *overrides]
 
 
-def copy_sft(sft_run: Path, run_dir: Path) -> None:
+def copy_sft(sft_run: Path, run_dir: Path, evals: bool = False) -> None:
     """Reuse a finished SFT stage (and the built initial model) so a test only pays for the RL stage.
 
-    recipe.json and evals/ are not copied: the full recipe differs from the SFT-only one, and its
-    evaluations are its own."""
+    recipe.json is not copied: the full recipe differs from the SFT-only one. evals/ is copied only
+    with `evals=True`, for a run whose `eval` entries are TINY's, as the SFT-only run's are: its
+    evaluations at 'initial' and 'sft' are then those of the same entries on the same policies, so
+    the run evaluates only its own stage (in-stage and after it), not those two again (two vLLM
+    engine starts fewer)."""
     shutil.copytree(sft_run / "sft", run_dir / "sft")
     shutil.copytree(sft_run / "initial", run_dir / "initial")
+    if evals:
+        (run_dir / "evals").mkdir(parents=True)
+        for point in ("initial", "sft"):
+            shutil.copy2(sft_run / "evals" / f"{point}.json", run_dir / "evals" / f"{point}.json")
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:

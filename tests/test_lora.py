@@ -150,7 +150,7 @@ def policy_logprobs(policy: Path, ids: list[int]) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage_type, sync", [("grpo", "adapter"), ("grpo", "merged"), ("ppo", "adapter")])
 def test_lora_run_sampling_matches_learner_after_every_sync(sft_run, tmp_path, stage_type, sync):
-    copy_sft(sft_run, tmp_path)
+    copy_sft(sft_run, tmp_path, evals=True)
     result = run(lora_cmd(tmp_path, stage_type, sync))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "rl" / "stage.json").read_text())

@@ -386,7 +386,7 @@ def test_rlpost_run_with_a_prime_stage(sft_run, tmp_path):
     from tests.spine_helpers import copy_sft, quickstart_cmd, run, sft_only_recipe
 
     run_dir = tmp_path / "run"
-    copy_sft(sft_run, run_dir)
+    copy_sft(sft_run, run_dir, evals=True)
     path = sft_only_recipe(tmp_path)
     recipe = yaml.safe_load(path.read_text())
     steps, groups, size = 4, 4, 4

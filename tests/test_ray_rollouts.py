@@ -29,7 +29,7 @@ pytest.importorskip("ray")
 
 
 def test_two_ray_actors_share_batches_survive_a_kill_and_stay_on_policy(sft_run, tmp_path):
-    copy_sft(sft_run, tmp_path)
+    copy_sft(sft_run, tmp_path, evals=True)
     started = time.time()
     steps = 6
     cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.max_staleness=0", "grpo.eval_steps=3",
