@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -29,7 +28,9 @@ from tests.spine_helpers import REPO, copy_sft, quickstart_cmd, run, sft_only_re
 pytestmark = pytest.mark.slow
 
 GROUPS, GROUP_SIZE = 4, 4  # prompts_per_step, num_generations
-STEPS = 20
+# killed once step 4 is in the ledger (past the step-3 checkpoint), resumed from 3: step 4 is redone, not repeated,
+# and the stage ends at 7, no multiple of save_steps, checkpointed as the last step
+STEPS = 7
 # the 1-epoch SFT policy gets no sum right: a small length term makes the rewards of a group differ
 RANKING_REWARDS = ["arithmetic_exact", {"name": "tests.reward_fixtures:length_reward", "weight": 0.1}]
 ROLLOUT_KEYS = {"max_steps": STEPS, "prompts_per_step": GROUPS, "num_generations": GROUP_SIZE, "save_steps": 3,
@@ -42,10 +43,7 @@ ROLLOUT_KEYS = {"max_steps": STEPS, "prompts_per_step": GROUPS, "num_generations
 def reuse_sft(sft_run: Path, run_dir: Path) -> None:
     """The SFT stage, the built model and their evaluations (same eval settings: the TINY overrides),
     so a test pays only for its own stage."""
-    copy_sft(sft_run, run_dir)
-    (run_dir / "evals").mkdir(parents=True)
-    for point in ("initial", "sft"):
-        shutil.copy2(sft_run / "evals" / f"{point}.json", run_dir / "evals" / f"{point}.json")
+    copy_sft(sft_run, run_dir, evals=True)
 
 
 def stage_recipe(directory: Path, stage: dict) -> Path:
@@ -205,10 +203,11 @@ def test_rejection_killed_in_a_later_rounds_training_resumes_without_redoing_a_r
     record counts match the files."""
     run_dir = tmp_path / "run"
     reuse_sft(sft_run, run_dir)
-    # length >= 1: every non-empty completion passes, so every round has samples to train on
+    # length >= 1: every non-empty completion passes, so every round has samples to train on; 4 epochs: the kill
+    # after round 2's first epoch checkpoint leaves 3 of them to resume
     stage = {"type": "rejection", "rounds": ROUNDS, "prompts_per_round": PROMPTS, "num_generations": GENERATIONS,
              "keep_per_prompt": GENERATIONS, "threshold": 1.0, "rewards": ["tests.reward_fixtures:length_reward"],
-             "reward_workers": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4, "num_train_epochs": 10}
+             "reward_workers": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4, "num_train_epochs": 4}
     cmd = quickstart_cmd(run_dir, recipe=stage_recipe(tmp_path / "recipe", stage))
     stage_dir = run_dir / "rejection"
     round_dir = lambda n: stage_dir / f"round-{n}"  # noqa: E731
@@ -259,7 +258,9 @@ def test_dpo_on_rollout_pairs_resumes_from_its_trainer_checkpoint(sft_run, tmp_p
     epochs x ceil(pairs trained / batch) optimiser steps, its logged steps never repeated."""
     run_dir = tmp_path / "run"
     reuse_sft(sft_run, run_dir)
-    epochs, batch = 10, 4
+    # ~56 trained pairs: 14 steps an epoch, so the kill after epoch 1 lands past TRL's first log (step 10), whose
+    # record the resume must not repeat, and 2 epochs are left to resume
+    epochs, batch = 3, 4
     stage = {"type": "dpo", "pairs": "rollouts", "rollout_prompts": 64, "rollout_samples": 4,
              "rollout_max_tokens": 6, "rewards": RANKING_REWARDS, "reward_workers": 1, "held_out_pairs": 8,
              "learning_rate": 1e-4, "per_device_train_batch_size": batch, "num_train_epochs": epochs}
