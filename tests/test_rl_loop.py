@@ -1,10 +1,9 @@
 """The real `rlpost run` entry point on the quickstart recipe with a tiny model: staleness, resume
 after SIGKILL, hostile rewards.
 
-Each test runs `rlpost run` (the SFT stage and its evaluations reused from one tiny SFT-only run, so
-the pipeline skips them) with a real vLLM rollout worker, real reward processes and TRL's GRPO loss,
-and checks the run's own records: RUN/grpo/{ledger,metrics}.jsonl and the grpo stage's record in
-RUN/summary.json.
+Each test runs `rlpost run` (the SFT stage reused from one tiny SFT-only run, so the pipeline skips
+it) with a real vLLM rollout worker, real reward processes and TRL's GRPO loss, and checks the run's
+own records: RUN/grpo/{ledger,metrics}.jsonl and the grpo stage's record in RUN/summary.json.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def check_contiguous(rows: list[dict], steps: int, groups: int, group_size: int)
 
 
 def test_synchronous_mode_is_on_policy(sft_run, tmp_path):
-    copy_sft(sft_run, tmp_path, evals=True)
+    copy_sft(sft_run, tmp_path)
     result = run(quickstart_cmd(tmp_path, "grpo.max_steps=4", "grpo.max_staleness=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage 'sft'" not in result.stdout, "the copied SFT stage was run again"
@@ -62,7 +61,7 @@ def test_synchronous_mode_is_on_policy(sft_run, tmp_path):
 
 
 def test_async_mode_respects_the_bound_and_counts_exactly(sft_run, tmp_path):
-    copy_sft(sft_run, tmp_path, evals=True)
+    copy_sft(sft_run, tmp_path)
     result = run(quickstart_cmd(tmp_path, "grpo.max_steps=6", "grpo.max_staleness=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ledger(tmp_path)
@@ -97,8 +96,8 @@ def test_killed_rollout_worker_and_learner_resume_without_gap_repeat_or_orphan(s
     the run goes on. Then the learner alone is SIGKILLed (not its process group): every process it
     had started (engines, reward workers) is gone soon after, and the same command resumes with no
     step, prompt or sample lost or repeated."""
-    copy_sft(sft_run, tmp_path, evals=True)
-    steps = 9  # the learner is killed at step 5 or so; the resume redoes what followed the last checkpoint and goes on
+    copy_sft(sft_run, tmp_path)
+    steps = 30
     cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.save_steps=3", "grpo.max_staleness=1",
                          "rollout.workers=2")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -142,7 +141,7 @@ def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
     """A function that hangs, raises or returns the wrong number of values is counted and logged, and
     the samples it failed on are masked (reward None), never trained on: with one in every batch,
     every sample is masked, each step is skipped, and the run still finishes."""
-    copy_sft(sft_run, tmp_path, evals=True)
+    copy_sft(sft_run, tmp_path)
     rewards = ("grpo.rewards=[arithmetic_exact, {name: 'tests.reward_fixtures:sleep_forever_reward', timeout_s: 1}, "
                "'tests.reward_fixtures:raising_reward', 'tests.reward_fixtures:wrong_length_reward']")
     steps, samples_per_step = 3, 4 * 4
@@ -171,7 +170,7 @@ def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
 def test_non_finite_updates_are_skipped_and_counted_then_stop_the_run_naming_the_steps(sft_run, tmp_path):
     """Rewards that overflow float32 make every loss NaN: each update is skipped (the weights the
     engine runs stay finite), counted, and the third such step in a row stops the run with one line."""
-    copy_sft(sft_run, tmp_path, evals=True)
+    copy_sft(sft_run, tmp_path)
     result = run(quickstart_cmd(tmp_path, "grpo.max_steps=10", "grpo.max_staleness=0", "grpo.scale_rewards=none",
                                 "grpo.rewards=['tests.reward_fixtures:overflow_reward']"))
     assert result.returncode == 2, result.stderr[-3000:]
