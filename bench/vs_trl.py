@@ -104,9 +104,11 @@ def trl_side(shape: Shape, policy: Path, root: Path, steps: int, eval_every: int
         return json.loads(done.read_text())
     torch.set_num_threads(threads)
     recipe = load_recipe(_recipe_file(shape, policy, root, seed))
+    tokenizer = AutoTokenizer.from_pretrained(policy)
     prompts = TrainingData(recipe.data, recipe.seed).prompts()
-    rows = [dict(zip(("prompt", "columns"), prompts.get(i))) for i in range(steps * shape.prompts)]
-    dataset = Dataset.from_list([{"prompt": r["prompt"], **r["columns"]} for r in rows])
+    rows = [{**columns, "prompt": prompt} for prompt, columns in map(prompts.get, range(steps * shape.prompts))]
+    # the text rlpost's sampler and learner see too: the recipe's prompt template (data.prompt) filled in
+    dataset = Dataset.from_list([{**row, "prompt": recipe.data.prompt.text(tokenizer, row)} for row in rows])
 
     class Clock(TrainerCallback):
         """Training seconds per step, without the time spent saving the policy for evaluation."""
@@ -138,7 +140,6 @@ def trl_side(shape: Shape, policy: Path, root: Path, steps: int, eval_every: int
         **({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": recipe.model.max_model_len or
             _context(recipe)} if generation == "vllm" else {}))
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(policy)
     clock = Clock()
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_match_reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[clock])

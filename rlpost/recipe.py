@@ -310,6 +310,7 @@ def check_relations(recipe: Any) -> None:
         raise UserError(f"{where(recipe, 'data.source')}: the built-in character model (model.build) reads only the built-in task's "
                         f"prompts; use data.source=task or a model.path")
     if recipe.data.source == "task":
+        _check_template_alphabet(recipe)
         _check_task(recipe)
     for i, spec in enumerate(recipe.eval):
         if spec.limit is not None and spec.limit < 1:
@@ -333,6 +334,31 @@ def check_relations(recipe: Any) -> None:
 
         check_lora(getattr(cfg, "lora", None), fail)  # every stage's `lora` section (rlpost/lora.py)
         STAGES[entry.type].check(cfg, recipe, name)
+
+
+def _template_length(recipe: Any) -> int:
+    """Tokens the prompt template adds around the task's prompt: its characters, for the built-in
+    character tokenizer (it has no chat template); 0 for a model directory's own tokenizer."""
+    if recipe.model.build is None:
+        return 0
+    fmt = recipe.data.prompt
+    return len(fmt.fill({column: "" for column in fmt.columns}))
+
+
+def _check_template_alphabet(recipe: Any) -> None:
+    """The built-in tokenizer knows only ALPHABET: any other character of the template would reach the
+    model as <unk>, silently."""
+    import string
+
+    from rlpost.modeling import ALPHABET
+
+    if recipe.model.build is None:
+        return
+    literal = "".join(text for text, *_ in string.Formatter().parse(recipe.data.prompt.template))
+    unknown = sorted(set(literal) - set(ALPHABET))
+    if unknown:
+        raise UserError(f"{where(recipe, 'data.prompt.template')}: key 'data.prompt.template' has characters the "
+                        f"built-in model's tokenizer lacks ({''.join(unknown)!r}); it knows only {ALPHABET!r}")
 
 
 def _check_task(recipe: Any) -> None:
@@ -362,7 +388,7 @@ def _check_task(recipe: Any) -> None:
                         f"[1, 10**data.task.digits), got {t.numbers}")
     task = build_task(t.kind, t.max_operand, t.held_out_percent, t.reverse, t.carry_slip, t.digits, t.carries,
                       t.numbers)
-    answer, prompt = task.answer_length, task.prompt_length
+    answer, prompt = task.answer_length, task.prompt_length + _template_length(recipe)
     shape = f"data.task.kind={t.kind}, data.task.digits={t.digits}"
     sequence = prompt + answer + 1  # budgets below must hold answer + EOS
     m = recipe.model
