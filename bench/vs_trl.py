@@ -96,7 +96,6 @@ def trl_side(shape: Shape, policy: Path, root: Path, steps: int, eval_every: int
 
     from rewards.arithmetic import exact_match_reward
     from rlpost.recipe import load_recipe
-    from rlpost.training_data import TrainingData
 
     out = root / f"trl-{generation}-seed{seed}"
     done = out / "trl.json"
@@ -105,10 +104,7 @@ def trl_side(shape: Shape, policy: Path, root: Path, steps: int, eval_every: int
     torch.set_num_threads(threads)
     recipe = load_recipe(_recipe_file(shape, policy, root, seed))
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    prompts = TrainingData(recipe.data, recipe.seed).prompts()
-    rows = [{**columns, "prompt": prompt} for prompt, columns in map(prompts.get, range(steps * shape.prompts))]
-    # the text rlpost's sampler and learner see too: the recipe's prompt template (data.prompt) filled in
-    dataset = Dataset.from_list([{**row, "prompt": recipe.data.prompt.text(tokenizer, row)} for row in rows])
+    dataset = Dataset.from_list(trl_rows(recipe, tokenizer, steps * shape.prompts))
 
     class Clock(TrainerCallback):
         """Training seconds per step, without the time spent saving the policy for evaluation."""
@@ -152,6 +148,16 @@ def trl_side(shape: Shape, policy: Path, root: Path, steps: int, eval_every: int
               "curve": curve, "startup_s": startup, "wall_s": time.perf_counter() - start}
     done.write_text(json.dumps(result))
     return result
+
+
+def trl_rows(recipe, tokenizer, count: int) -> list[dict]:
+    """The first `count` prompts of rlpost's stream for `recipe` as TRL dataset rows: the text rlpost's
+    sampler and learner see (the recipe's prompt format, data.prompt, applied) and the reward's columns."""
+    from rlpost.training_data import TrainingData
+
+    data = TrainingData(recipe.data, recipe.seed)
+    rows = [{**columns, "prompt": prompt} for prompt, columns in map(data.prompts().get, range(count))]
+    return [{**row, "prompt": data.format.text(tokenizer, row)} for row in rows]
 
 
 def _recipe_file(shape: Shape, policy: Path, root: Path, seed: int) -> str:

@@ -140,3 +140,41 @@ def test_run_settings_carry_the_counting_task_to_rlpost_eval(tmp_path):
     assert options["kind"] == "counting" and options["numbers"] == 6 and budget == 136
     bench = load_addition(**options)
     assert [r["prompt"] for r in bench.rows] == [p.prompt for p in CountingTask(21, 6, 12).held_out(50, 0)]
+
+
+INSTRUCTED_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "counting_instructed.yaml"
+
+
+def test_instructed_recipe_puts_its_instruction_before_every_prompt_on_every_path(tmp_path):
+    """Rollouts, SFT and the held-out evaluation format prompts with data.prompt; bench/vs_trl.py gives
+    TRL the same text; `rlpost eval` on the run's recipe.json keeps it."""
+    from bench.vs_trl import trl_rows
+    from rlpost.evaluation.addition import run_prompt_format
+    from rlpost.modeling import build_tokenizer
+    from rlpost.recipe import flat_settings
+
+    recipe, tokenizer = load_recipe(INSTRUCTED_RECIPE), build_tokenizer()
+    fmt = recipe.data.prompt
+    instruction = fmt.template.replace("{prompt}", "")
+    assert len(instruction) == 197
+    data = TrainingData(recipe.data, recipe.seed)
+    prompt, columns = data.prompts().get(0)
+    ids = fmt.token_ids(tokenizer, {**columns, "prompt": prompt})
+    assert len(ids) == 197 + 22 and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == instruction + prompt
+    row = trl_rows(recipe, tokenizer, 3)[0]
+    assert row == {"answer": columns["answer"], "prompt": instruction + prompt}
+    (tmp_path / "recipe.json").write_text(json.dumps(flat_settings(recipe)))
+    assert run_prompt_format(tmp_path / "recipe.json") == fmt
+    (tmp_path / "recipe.json").write_text(json.dumps(flat_settings(load_recipe(COUNTING_RECIPE))))
+    assert run_prompt_format(tmp_path / "recipe.json") is None
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.build.max_positions=256"], "model.build.max_positions"),  # 197 + 22 + 131 + EOS = 351 positions
+    (['data.prompt.template="Count: {prompt}"'], "data.prompt.template"),  # no capitals in the built tokenizer
+])
+def test_instructed_recipe_budget_counts_the_template_and_its_alphabet_is_checked(overrides, key):
+    load_recipe(INSTRUCTED_RECIPE, ["model.build.max_positions=351"])  # exactly enough
+    with pytest.raises(UserError, match=key):
+        load_recipe(INSTRUCTED_RECIPE, overrides)

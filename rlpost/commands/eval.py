@@ -70,7 +70,7 @@ def _dataset(args) -> tuple[Any, dict[str, Any]]:
 
 
 def _addition_options(args) -> tuple[dict[str, Any], int | None, Path | None]:
-    from rlpost.evaluation.addition import find_run_config, task_options
+    from rlpost.evaluation.addition import find_run_config, run_prompt_format, task_options
 
     path = Path(args.task_config) if args.task_config else None
     if path is None and args.model:
@@ -81,6 +81,10 @@ def _addition_options(args) -> tuple[dict[str, Any], int | None, Path | None]:
         return {}, None, None
     options, max_tokens = task_options(path)
     print(f"addition: task settings from {path}", file=sys.stderr)
+    args.prompt_format = run_prompt_format(path)
+    if args.prompt_format is not None and args.chat_template != "auto":
+        raise UserError(f"{path} sets the run's prompt format (data.prompt), which held-out prompts keep; "
+                        f"drop --chat-template {args.chat_template}")
     return options, max_tokens, path.resolve()
 
 
@@ -116,6 +120,13 @@ def _default_output_dir(model: str | None, benchmark: str, task_config: str | No
     return Path("evals") / f"{name}-{benchmark}"
 
 
+def _prompts(args) -> dict[str, Any]:
+    """How prompts are formatted: a run's own prompt format (data.prompt) where it has one, else
+    --chat-template."""
+    fmt = getattr(args, "prompt_format", None)
+    return {"prompt_format": fmt} if fmt is not None else {"use_chat_template": _TEMPLATE[args.chat_template]}
+
+
 def _row_name(index: int, row_id: Any) -> str:
     return f"row {index}" if row_id is None else f"row {index} ({row_id})"
 
@@ -147,9 +158,9 @@ def run(args) -> int:
     result = evaluate(
         None if args.oracle else args.model, benchmark, limit=args.limit, n_samples=args.n_samples,
         temperature=args.temperature, max_tokens=args.max_tokens or task_max_tokens,
-        num_fewshot=args.num_fewshot, use_chat_template=_TEMPLATE[args.chat_template], seed=args.seed,
-        oracle=args.oracle, top_p=args.top_p, benchmark_options=options, dtype=args.dtype,
-        gpu_memory_utilization=args.gpu_memory_utilization)
+        num_fewshot=args.num_fewshot, seed=args.seed, oracle=args.oracle, top_p=args.top_p,
+        benchmark_options=options, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+        **_prompts(args))
     result.config.update(extra)
     out = Path(args.output_dir) if args.output_dir else _default_output_dir(
         result.config["model"], result.config["benchmark"], extra.get("task_config"))

@@ -113,4 +113,16 @@ def task_options(config_path: str | Path) -> tuple[dict[str, Any], int | None]:
     return options, (budgets[0] if budgets else None)
 
 
+def run_prompt_format(config_path: str | Path):
+    """The `PromptFormat` a run's recipe.json gave its prompts (data.prompt), or None where it is the
+    default (the task's prompt as it is): held-out prompts must reach the policy as they did in training."""
+    from rlpost.prompting import PromptFormat
+
+    data = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    fmt = PromptFormat(template=data.get("data.prompt.template", "{prompt}"),
+                       chat_template=data.get("data.prompt.chat_template"),
+                       system_prompt=data.get("data.prompt.system_prompt"))
+    return None if fmt == PromptFormat() else fmt
+
+
 register_benchmark("addition", load_addition, overwrite=True)
