@@ -9,8 +9,10 @@ into ROOT/sft, or `--sft`) and its GRPO stage's batch shape and hyperparameters 
 samples per prompt, completion length, temperature, learning rate, beta). The quickstart's is
 8 prompts x 16 samples of at most 6 tokens on a 2M model; recipes/counting.yaml is the
 generation-heavy one (4 x 8 samples of 132 tokens after 22-token prompts, 21M parameters, an SFT
-stage a CPU finishes in ~15 minutes); recipes/long_addition.yaml is generation-heavy with 256-token
-prompts, but its SFT takes hours on a CPU. Both
+stage a CPU finishes in ~15 minutes), and recipes/counting_instructed.yaml the same with an instruction
+before each problem (219-token prompts, filled in by the recipe's data.prompt template for both sides);
+recipes/long_addition.yaml is generation-heavy with 256-token prompts, but its SFT takes hours on a
+CPU. Both
 sides train with that shape, lr constant, loss "grpo", group-scaled advantages, clip 0.2, grad norm 1,
 AdamW without weight decay, on the same cores (the whole machine: TRL's process gets torch threads
 = cores; rlpost its recipe's threads per process). TRL runs synchronously, generating with
