@@ -21,6 +21,9 @@ TINY = [
     "grpo.reward_workers=1",
 ]
 SFT_ONLY_TINY = [o for o in TINY if not o.startswith("grpo.")]
+# For a run whose test reads no evaluation: no held-out evaluation at any point or during a stage (no
+# vLLM engine for it); the RL stages' vLLM/learner logprob probe still runs every eval_steps.
+NO_EVAL = "eval=[]"
 
 
 def quickstart_cmd(run_dir: Path, *overrides: str, recipe: Path | None = None) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.spine_helpers import REPO, copy_sft, quickstart_cmd, run, sft_only_recipe
+from tests.spine_helpers import NO_EVAL, REPO, copy_sft, quickstart_cmd, run, sft_only_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,11 @@ ROLLOUT_KEYS = {"max_steps": STEPS, "prompts_per_step": GROUPS, "num_generations
 # ----------------------------------------------------------------------------- helpers
 
 
-def reuse_sft(sft_run: Path, run_dir: Path) -> None:
-    """The SFT stage, the built model and their evaluations (same eval settings: the TINY overrides),
-    so a test pays only for its own stage."""
-    copy_sft(sft_run, run_dir, evals=True)
+def reuse_sft(sft_run: Path, run_dir: Path, evals: bool = True) -> None:
+    """The SFT stage, the built model and (with `evals`) their evaluations (same eval settings: the TINY
+    overrides), so a test pays only for its own stage. The rejection and DPO tests read no evaluation
+    and run with NO_EVAL; the rollout-stream ones keep theirs (their metrics start with step 0's)."""
+    copy_sft(sft_run, run_dir, evals=evals)
 
 
 def stage_recipe(directory: Path, stage: dict) -> Path:
@@ -202,13 +203,13 @@ def test_rejection_killed_in_a_later_rounds_training_resumes_without_redoing_a_r
     samples.jsonl covers exactly its prompt indices, each num_generations times, and the stage's
     record counts match the files."""
     run_dir = tmp_path / "run"
-    reuse_sft(sft_run, run_dir)
+    reuse_sft(sft_run, run_dir, evals=False)
     # length >= 1: every non-empty completion passes, so every round has samples to train on; 4 epochs: the kill
     # after round 2's first epoch checkpoint leaves 3 of them to resume
     stage = {"type": "rejection", "rounds": ROUNDS, "prompts_per_round": PROMPTS, "num_generations": GENERATIONS,
              "keep_per_prompt": GENERATIONS, "threshold": 1.0, "rewards": ["tests.reward_fixtures:length_reward"],
              "reward_workers": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4, "num_train_epochs": 4}
-    cmd = quickstart_cmd(run_dir, recipe=stage_recipe(tmp_path / "recipe", stage))
+    cmd = quickstart_cmd(run_dir, NO_EVAL, recipe=stage_recipe(tmp_path / "recipe", stage))
     stage_dir = run_dir / "rejection"
     round_dir = lambda n: stage_dir / f"round-{n}"  # noqa: E731
 
@@ -257,14 +258,14 @@ def test_dpo_on_rollout_pairs_resumes_from_its_trainer_checkpoint(sft_run, tmp_p
     pairs (pairs.jsonl untouched, no new rollouts), continues from TRL's checkpoint and ends at exactly
     epochs x ceil(pairs trained / batch) optimiser steps, its logged steps never repeated."""
     run_dir = tmp_path / "run"
-    reuse_sft(sft_run, run_dir)
+    reuse_sft(sft_run, run_dir, evals=False)
     # ~56 trained pairs: 14 steps an epoch, so the kill after epoch 1 lands past TRL's first log (step 10), whose
     # record the resume must not repeat, and 2 epochs are left to resume
     epochs, batch = 3, 4
     stage = {"type": "dpo", "pairs": "rollouts", "rollout_prompts": 64, "rollout_samples": 4,
              "rollout_max_tokens": 6, "rewards": RANKING_REWARDS, "reward_workers": 1, "held_out_pairs": 8,
              "learning_rate": 1e-4, "per_device_train_batch_size": batch, "num_train_epochs": epochs}
-    cmd = quickstart_cmd(run_dir, recipe=stage_recipe(tmp_path / "recipe", stage))
+    cmd = quickstart_cmd(run_dir, NO_EVAL, recipe=stage_recipe(tmp_path / "recipe", stage))
     stage_dir = run_dir / "dpo"
     trainer_dir = stage_dir / "trainer"
 

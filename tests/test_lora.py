@@ -18,7 +18,7 @@ from rlpost import lora
 from rlpost.lora import LoraSection
 from rlpost.modeling import ModelShape, build_model, build_tokenizer
 from rollouts.weight_sync import WeightPublisher, adapter_dir, base_name, exportable_state_dict
-from tests.spine_helpers import copy_sft, quickstart_cmd, run, sft_only_recipe
+from tests.spine_helpers import NO_EVAL, copy_sft, quickstart_cmd, run, sft_only_recipe
 
 
 def tiny_lora_model(seed: int = 0):
@@ -124,7 +124,7 @@ STEPS = 3
 def lora_cmd(run_dir: Path, stage_type: str, sync: str) -> list[str]:
     """STEPS synchronous steps of a rollout stage with LoRA and a length reward (every group has a spread,
     so every step moves the adapter), a large learning rate, and the vLLM/learner probe after every
-    step's sync; the tiny quickstart model, its SFT stage reused."""
+    step's sync; the tiny quickstart model, its SFT stage reused, no evaluation (nothing here reads one)."""
     recipe = yaml.safe_load(sft_only_recipe(run_dir).read_text())
     recipe["stages"].append({
         "type": stage_type, "name": "rl", "max_steps": STEPS, "prompts_per_step": 4, "num_generations": 4,
@@ -132,7 +132,7 @@ def lora_cmd(run_dir: Path, stage_type: str, sync: str) -> list[str]:
         "rewards": ["tests.reward_fixtures:length_reward"], "lora": {"r": 8, "alpha": 16, "sync": sync}})
     path = run_dir / "lora-recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return quickstart_cmd(run_dir, recipe=path)
+    return quickstart_cmd(run_dir, NO_EVAL, recipe=path)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -150,7 +150,7 @@ def policy_logprobs(policy: Path, ids: list[int]) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage_type, sync", [("grpo", "adapter"), ("grpo", "merged"), ("ppo", "adapter")])
 def test_lora_run_sampling_matches_learner_after_every_sync(sft_run, tmp_path, stage_type, sync):
-    copy_sft(sft_run, tmp_path, evals=True)
+    copy_sft(sft_run, tmp_path)
     result = run(lora_cmd(tmp_path, stage_type, sync))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "rl" / "stage.json").read_text())
@@ -188,7 +188,7 @@ def test_sft_stage_with_lora_writes_a_merged_low_rank_update(tmp_path):
     policy differs from its input by a rank <= r matrix per adapted weight; the adapter is beside it."""
     from transformers import AutoModelForCausalLM
 
-    result = run(quickstart_cmd(tmp_path, "sft.lora={r: 2}", "sft.learning_rate=0.01",
+    result = run(quickstart_cmd(tmp_path, "sft.lora={r: 2}", "sft.learning_rate=0.01", NO_EVAL,
                                 recipe=sft_only_recipe(tmp_path)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").exists()

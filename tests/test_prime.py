@@ -383,10 +383,10 @@ def test_rlpost_run_with_a_prime_stage(sft_run, tmp_path):
     from safetensors.torch import load_file
 
     from rlpost.loop import EXTRA_STATE
-    from tests.spine_helpers import copy_sft, quickstart_cmd, run, sft_only_recipe
+    from tests.spine_helpers import NO_EVAL, copy_sft, quickstart_cmd, run, sft_only_recipe
 
     run_dir = tmp_path / "run"
-    copy_sft(sft_run, run_dir, evals=True)
+    copy_sft(sft_run, run_dir)
     path = sft_only_recipe(tmp_path)
     recipe = yaml.safe_load(path.read_text())
     steps, groups, size = 4, 4, 4
@@ -396,7 +396,7 @@ def test_rlpost_run_with_a_prime_stage(sft_run, tmp_path):
         "outcome_threshold": 0.25,
         "rewards": ["arithmetic_exact", {"name": "tests.reward_fixtures:length_reward", "weight": 0.1}]})
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    result = run(quickstart_cmd(run_dir, recipe=path))
+    result = run(quickstart_cmd(run_dir, NO_EVAL, recipe=path))  # nothing here reads an evaluation
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage 'sft'" not in result.stdout, "the copied SFT stage was run again"
 

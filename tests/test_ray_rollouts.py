@@ -14,7 +14,7 @@ import time
 import pytest
 
 from rollouts.weight_sync import shared_memory_base
-from tests.spine_helpers import REPO, copy_sft, quickstart_cmd
+from tests.spine_helpers import NO_EVAL, REPO, copy_sft, quickstart_cmd
 from tests.test_rl_loop import (
     check_contiguous,
     grpo_record,
@@ -29,11 +29,12 @@ pytest.importorskip("ray")
 
 
 def test_two_ray_actors_share_batches_survive_a_kill_and_stay_on_policy(sft_run, tmp_path):
-    copy_sft(sft_run, tmp_path, evals=True)
+    copy_sft(sft_run, tmp_path)
     started = time.time()
     steps = 6
     cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.max_staleness=0", "grpo.eval_steps=3",
-                         "rollout.backend=ray", "rollout.workers=2", "rollout.weight_transport=object_store")
+                         "rollout.backend=ray", "rollout.workers=2", "rollout.weight_transport=object_store",
+                         NO_EVAL)  # nothing here reads an evaluation; the probes at steps 3 and 6 still run
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

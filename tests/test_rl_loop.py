@@ -3,7 +3,9 @@ after SIGKILL, hostile rewards.
 
 Each test runs `rlpost run` (the SFT stage reused from one tiny SFT-only run, so the pipeline skips
 it) with a real vLLM rollout worker, real reward processes and TRL's GRPO loss, and checks the run's
-own records: RUN/grpo/{ledger,metrics}.jsonl and the grpo stage's record in RUN/summary.json.
+own records: RUN/grpo/{ledger,metrics}.jsonl and the grpo stage's record in RUN/summary.json. The
+async and non-finite runs evaluate as the quickstart does ('initial' and 'sft' reused from the SFT
+run); the others read no evaluation and run with NO_EVAL (their vLLM/learner probes still run).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.soak import descendants, running
-from tests.spine_helpers import REPO, copy_sft, quickstart_cmd, run
+from tests.spine_helpers import NO_EVAL, REPO, copy_sft, quickstart_cmd, run
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +50,7 @@ def check_contiguous(rows: list[dict], steps: int, groups: int, group_size: int)
 
 def test_synchronous_mode_is_on_policy(sft_run, tmp_path):
     copy_sft(sft_run, tmp_path)
-    result = run(quickstart_cmd(tmp_path, "grpo.max_steps=4", "grpo.max_staleness=0"))
+    result = run(quickstart_cmd(tmp_path, "grpo.max_steps=4", "grpo.max_staleness=0", NO_EVAL))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage 'sft'" not in result.stdout, "the copied SFT stage was run again"
     rows = ledger(tmp_path)
@@ -61,7 +63,7 @@ def test_synchronous_mode_is_on_policy(sft_run, tmp_path):
 
 
 def test_async_mode_respects_the_bound_and_counts_exactly(sft_run, tmp_path):
-    copy_sft(sft_run, tmp_path)
+    copy_sft(sft_run, tmp_path, evals=True)
     result = run(quickstart_cmd(tmp_path, "grpo.max_steps=6", "grpo.max_staleness=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ledger(tmp_path)
@@ -99,7 +101,7 @@ def test_killed_rollout_worker_and_learner_resume_without_gap_repeat_or_orphan(s
     copy_sft(sft_run, tmp_path)
     steps = 30
     cmd = quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.save_steps=3", "grpo.max_staleness=1",
-                         "rollout.workers=2")
+                         "rollout.workers=2", NO_EVAL)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     ledger_path = tmp_path / "grpo" / "ledger.jsonl"
@@ -145,7 +147,7 @@ def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
     rewards = ("grpo.rewards=[arithmetic_exact, {name: 'tests.reward_fixtures:sleep_forever_reward', timeout_s: 1}, "
                "'tests.reward_fixtures:raising_reward', 'tests.reward_fixtures:wrong_length_reward']")
     steps, samples_per_step = 3, 4 * 4
-    result = run(quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.max_staleness=0", rewards))
+    result = run(quickstart_cmd(tmp_path, f"grpo.max_steps={steps}", "grpo.max_staleness=0", rewards, NO_EVAL))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(tmp_path)
     last = rows[-1]
@@ -170,7 +172,7 @@ def test_hostile_reward_functions_are_contained(sft_run, tmp_path):
 def test_non_finite_updates_are_skipped_and_counted_then_stop_the_run_naming_the_steps(sft_run, tmp_path):
     """Rewards that overflow float32 make every loss NaN: each update is skipped (the weights the
     engine runs stay finite), counted, and the third such step in a row stops the run with one line."""
-    copy_sft(sft_run, tmp_path)
+    copy_sft(sft_run, tmp_path, evals=True)
     result = run(quickstart_cmd(tmp_path, "grpo.max_steps=10", "grpo.max_staleness=0", "grpo.scale_rewards=none",
                                 "grpo.rewards=['tests.reward_fixtures:overflow_reward']"))
     assert result.returncode == 2, result.stderr[-3000:]
