@@ -135,3 +135,18 @@ def test_decontaminate_finds_planted_overlaps(tmp_path, capsys):
     assert main(argv + ["--fail-on-overlap"]) == 1
     assert main(["decontaminate", "--train", f"{data}:body", "--benchmarks", "gsm8k"]) == 2
     assert "no field 'body'" in capsys.readouterr().err
+
+
+def test_addition_keeps_the_runs_prompt_format_and_refuses_a_chat_template_flag(tmp_path, capsys):
+    config = {"seed": 0, "data.source": "task", "eval": [{"benchmark": "held_out", "limit": 20}],
+              "data.task.max_operand": 30, "data.task.held_out_percent": 25, "data.task.reverse": False,
+              "data.task.carry_slip": 0.1, "data.prompt.template": "add: {prompt}"}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(config))
+    argv = ["eval", "--benchmark", "addition", "--oracle", "--task-config", str(path)]
+    assert main([*argv, "--output-dir", str(tmp_path / "out")]) == 0
+    assert _results(tmp_path / "out")["config"]["prompt_format"]["template"] == "add: {prompt}"
+    capsys.readouterr()
+    assert main([*argv, "--chat-template", "off", "--output-dir", str(tmp_path / "off")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the line naming the task settings' file
+    assert "data.prompt" in last and "--chat-template off" in last
