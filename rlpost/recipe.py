@@ -336,26 +336,21 @@ def check_relations(recipe: Any) -> None:
         STAGES[entry.type].check(cfg, recipe, name)
 
 
-def _template_length(recipe: Any) -> int:
-    """Tokens the prompt template adds around the task's prompt: its characters, for the built-in
-    character tokenizer (it has no chat template); 0 for a model directory's own tokenizer."""
+def _template_text(recipe: Any) -> str:
+    """What the prompt template adds around a row's columns (its literal text), for the built-in
+    character tokenizer (one token a character, no chat template); "" for a model directory's own."""
     if recipe.model.build is None:
-        return 0
+        return ""
     fmt = recipe.data.prompt
-    return len(fmt.fill({column: "" for column in fmt.columns}))
+    return fmt.fill({column: "" for column in fmt.columns})
 
 
 def _check_template_alphabet(recipe: Any) -> None:
     """The built-in tokenizer knows only ALPHABET: any other character of the template would reach the
     model as <unk>, silently."""
-    import string
-
     from rlpost.modeling import ALPHABET
 
-    if recipe.model.build is None:
-        return
-    literal = "".join(text for text, *_ in string.Formatter().parse(recipe.data.prompt.template))
-    unknown = sorted(set(literal) - set(ALPHABET))
+    unknown = sorted(set(_template_text(recipe)) - set(ALPHABET))
     if unknown:
         raise UserError(f"{where(recipe, 'data.prompt.template')}: key 'data.prompt.template' has characters the "
                         f"built-in model's tokenizer lacks ({''.join(unknown)!r}); it knows only {ALPHABET!r}")
@@ -388,7 +383,7 @@ def _check_task(recipe: Any) -> None:
                         f"[1, 10**data.task.digits), got {t.numbers}")
     task = build_task(t.kind, t.max_operand, t.held_out_percent, t.reverse, t.carry_slip, t.digits, t.carries,
                       t.numbers)
-    answer, prompt = task.answer_length, task.prompt_length + _template_length(recipe)
+    answer, prompt = task.answer_length, task.prompt_length + len(_template_text(recipe))
     shape = f"data.task.kind={t.kind}, data.task.digits={t.digits}"
     sequence = prompt + answer + 1  # budgets below must hold answer + EOS
     m = recipe.model

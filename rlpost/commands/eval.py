@@ -70,7 +70,7 @@ def _dataset(args) -> tuple[Any, dict[str, Any]]:
 
 
 def _addition_options(args) -> tuple[dict[str, Any], int | None, Path | None]:
-    from rlpost.evaluation.addition import find_run_config, run_prompt_format, task_options
+    from rlpost.evaluation.addition import find_run_config, task_options
 
     path = Path(args.task_config) if args.task_config else None
     if path is None and args.model:
@@ -81,10 +81,6 @@ def _addition_options(args) -> tuple[dict[str, Any], int | None, Path | None]:
         return {}, None, None
     options, max_tokens = task_options(path)
     print(f"addition: task settings from {path}", file=sys.stderr)
-    args.prompt_format = run_prompt_format(path)
-    if args.prompt_format is not None and args.chat_template != "auto":
-        raise UserError(f"{path} sets the run's prompt format (data.prompt), which held-out prompts keep; "
-                        f"drop --chat-template {args.chat_template}")
     return options, max_tokens, path.resolve()
 
 
@@ -120,11 +116,18 @@ def _default_output_dir(model: str | None, benchmark: str, task_config: str | No
     return Path("evals") / f"{name}-{benchmark}"
 
 
-def _prompts(args) -> dict[str, Any]:
-    """How prompts are formatted: a run's own prompt format (data.prompt) where it has one, else
-    --chat-template."""
-    fmt = getattr(args, "prompt_format", None)
-    return {"prompt_format": fmt} if fmt is not None else {"use_chat_template": _TEMPLATE[args.chat_template]}
+def _prompts(args, task_config: str | None) -> dict[str, Any]:
+    """How prompts are formatted: the run's own prompt format (data.prompt of the `task_config` run)
+    where it has one, which held-out prompts keep, else --chat-template."""
+    from rlpost.evaluation.addition import run_prompt_format
+
+    fmt = run_prompt_format(task_config) if task_config else None
+    if fmt is None:
+        return {"use_chat_template": _TEMPLATE[args.chat_template]}
+    if args.chat_template != "auto":
+        raise UserError(f"{task_config} sets the run's prompt format (data.prompt), which held-out prompts keep; "
+                        f"drop --chat-template {args.chat_template}")
+    return {"prompt_format": fmt}
 
 
 def _row_name(index: int, row_id: Any) -> str:
@@ -160,7 +163,7 @@ def run(args) -> int:
         temperature=args.temperature, max_tokens=args.max_tokens or task_max_tokens,
         num_fewshot=args.num_fewshot, seed=args.seed, oracle=args.oracle, top_p=args.top_p,
         benchmark_options=options, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-        **_prompts(args))
+        **_prompts(args, extra.get("task_config")))
     result.config.update(extra)
     out = Path(args.output_dir) if args.output_dir else _default_output_dir(
         result.config["model"], result.config["benchmark"], extra.get("task_config"))
